@@ -1,0 +1,1 @@
+"""Data: the embedded `shapes` data set, the TFRecord schema and tf.data pipelines."""

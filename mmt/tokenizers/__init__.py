@@ -1,0 +1,1 @@
+"""Tokenizers: text vocabularies (SentencePiece) and, later, image tokenizers."""

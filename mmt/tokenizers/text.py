@@ -1,0 +1,275 @@
+"""Text vocabularies: SentencePiece models, trained here or loaded from disk.
+
+One class, `TextTokenizer`, serves every model in mmt, eagerly (the `sentencepiece`
+package) and inside tf.data (tensorflow-text); both paths give the same ids, which the
+tests check. The id conventions live here and nowhere else:
+
+* Models trained by `train_sentencepiece` follow T5's layout -- pad 0, EOS 1, unk 2 --
+  and add BOS 3 (GIT-style decoders start from BOS).
+* Any other SentencePiece model (a T5 `spiece.model`, a keras-hub preset's
+  `vocabulary.spm`) keeps its own ids. A model without BOS uses pad as the decoder start
+  token, which is T5's convention.
+* An encoded sequence is `pieces[:length - 1] + [EOS] + [pad] * ...`: truncation always
+  keeps the EOS, so a decoder learns to stop even on over-long captions.
+
+TensorFlow is imported lazily, so the eager path works under any Keras backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+if TYPE_CHECKING:  # pragma: no cover
+    import tensorflow as tf
+
+# Ids of the models that `train_sentencepiece` writes (T5's layout plus a BOS).
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+BOS_ID = 3
+
+# File names a vocabulary directory may hold, in order of preference: T5 checkpoints
+# ship `spiece.model`, keras-hub presets `assets/tokenizer/vocabulary.spm`.
+_MODEL_FILE_NAMES = ("spiece.model", "vocabulary.spm", "assets/tokenizer/vocabulary.spm")
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    output_path: str | os.PathLike,
+    *,
+    vocab_size: int = 256,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    max_sentences: int = 1_000_000,
+    seed: int = 0,
+) -> "TextTokenizer":
+    """Trains a SentencePiece model on `texts` and writes it to `output_path`.
+
+    Args:
+      texts: training sentences (captions); empty strings are skipped.
+      output_path: where the `.model` file goes (parent directories are created).
+      vocab_size: upper bound on the vocabulary size. Small corpora (the shapes
+        grammar) may support fewer pieces; training then stops below the bound rather
+        than failing (`hard_vocab_limit=False`).
+      model_type: "unigram" (T5's choice) or "bpe".
+      character_coverage: fraction of characters covered by the vocabulary.
+      max_sentences: at most this many sentences are used (sampled with `seed`).
+      seed: seeds SentencePiece's sampling, so the same captions give the same model.
+
+    Returns:
+      The trained tokenizer, loaded from the written file.
+    """
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    if vocab_size < 8:
+        raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
+    sentences = [t for t in texts if t.strip()]
+    if not sentences:
+        raise ValueError("train_sentencepiece got no non-empty training text")
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        # One thread: SentencePiece's multi-threaded EM is not bit-reproducible.
+        num_threads=1,
+        minloglevel=2,
+    )
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_path.with_name(output_path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, output_path)
+    return TextTokenizer.from_file(output_path)
+
+
+def resolve_model_file(path: str | os.PathLike) -> Path:
+    """Returns the SentencePiece model file at `path`, or inside the directory `path`."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in _MODEL_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        models = sorted(path.glob("*.model"))
+        if len(models) == 1:
+            return models[0]
+        raise FileNotFoundError(
+            f"no SentencePiece model in directory {path}: expected one of "
+            f"{', '.join(_MODEL_FILE_NAMES)} or a single *.model file"
+            + (f", found {[m.name for m in models]}" if models else "")
+        )
+    raise FileNotFoundError(f"SentencePiece model not found: {path}")
+
+
+class TextTokenizer:
+    """A SentencePiece vocabulary with mmt's BOS / EOS / PAD conventions.
+
+    Build it with `TextTokenizer.from_file(path)` (a `.model` file or a directory that
+    holds one) or `train_sentencepiece(...)`.
+    """
+
+    def __init__(self, model_proto: bytes, source: str = "<bytes>"):
+        self._proto = bytes(model_proto)
+        self.source = source
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(self._proto)
+        except Exception as e:  # sentencepiece raises bare RuntimeError / OSError
+            raise ValueError(f"{source} is not a valid SentencePiece model: {e}") from e
+        self._tf_tokenizer = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TextTokenizer":
+        model_file = resolve_model_file(path)
+        return cls(model_file.read_bytes(), source=str(model_file))
+
+    # -- ids ------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.GetPieceSize())
+
+    @property
+    def pad_id(self) -> int:
+        pad = int(self._sp.pad_id())
+        if pad < 0:
+            raise ValueError(f"{self.source} defines no padding id; mmt needs one")
+        return pad
+
+    @property
+    def eos_id(self) -> int:
+        eos = int(self._sp.eos_id())
+        if eos < 0:
+            raise ValueError(f"{self.source} defines no EOS id; mmt needs one")
+        return eos
+
+    @property
+    def unk_id(self) -> int:
+        return int(self._sp.unk_id())
+
+    @property
+    def bos_id(self) -> int:
+        """The decoder's start token: the model's BOS, else pad (T5's convention)."""
+        bos = int(self._sp.bos_id())
+        return bos if bos >= 0 else self.pad_id
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return tuple(sorted({self.pad_id, self.eos_id, self.bos_id}))
+
+    def fingerprint(self) -> str:
+        """A stable id of this vocabulary: the SHA-256 of the model file's bytes."""
+        return "sha256:" + hashlib.sha256(self._proto).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the model bytes to `path` (atomically) and returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(self._proto)
+        os.replace(tmp, path)
+        return path
+
+    @property
+    def model_proto(self) -> bytes:
+        return self._proto
+
+    # -- eager -----------------------------------------------------------------------
+
+    def tokenize(self, texts: str | Sequence[str]) -> list[list[int]]:
+        """Piece ids of each text, without EOS or padding."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return [list(ids) for ids in self._sp.EncodeAsIds(list(texts))]
+
+    def encode(self, texts: str | Sequence[str], length: int) -> np.ndarray:
+        """Tokenizes, terminates and pads: int32 [batch, length]."""
+        return terminate_and_pad_numpy(self.tokenize(texts), length, self.eos_id, self.pad_id)
+
+    def decode(self, ids: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
+        """Texts of int [batch, length] ids: stops at the first EOS, drops pad and BOS."""
+        specials = set(self.special_ids) - {self.eos_id}
+        texts = []
+        for row in ids:
+            pieces = []
+            for i in np.asarray(row).tolist():
+                if i == self.eos_id:
+                    break
+                if i not in specials and 0 <= i < self.vocab_size:
+                    pieces.append(int(i))
+            texts.append(self._sp.DecodeIds(pieces))
+        return texts
+
+    # -- inside tf.data ----------------------------------------------------------------
+
+    def tf_tokenize(self, texts: "tf.Tensor") -> "tf.RaggedTensor":
+        """string [batch] -> int32 ragged [batch, None] piece ids (no EOS, no padding)."""
+        if self._tf_tokenizer is None:
+            import tensorflow_text as tf_text
+
+            self._tf_tokenizer = tf_text.SentencepieceTokenizer(
+                model=self._proto, out_type="int32", add_bos=False, add_eos=False
+            )
+        return self._tf_tokenizer.tokenize(texts)
+
+    def tf_encode(self, texts: "tf.Tensor", length: int) -> "tf.Tensor":
+        """string [batch] -> int32 [batch, length], the same ids as `encode`."""
+        return terminate_and_pad(self.tf_tokenize(texts), length, self.eos_id, self.pad_id)
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
+
+
+def terminate_and_pad_numpy(
+    ids: Sequence[Sequence[int]], length: int, eos_id: int, pad_id: int
+) -> np.ndarray:
+    """`ids[:length - 1] + [eos] + [pad]...` per row: int32 [batch, length]."""
+    if length < 1:
+        raise ValueError(f"length must be at least 1, got {length}")
+    out = np.full((len(ids), length), pad_id, dtype=np.int32)
+    for row, seq in enumerate(ids):
+        seq = list(seq)[: length - 1]
+        out[row, : len(seq)] = seq
+        out[row, len(seq)] = eos_id
+    return out
+
+
+def terminate_and_pad(ids: "tf.RaggedTensor", length: int, eos_id: int, pad_id: int) -> "tf.Tensor":
+    """TensorFlow twin of `terminate_and_pad_numpy`.
+
+    Args:
+      ids: int32 or int64 ragged [batch, None] piece ids without EOS.
+      length: the static output length.
+      eos_id, pad_id: ids appended after the (truncated) pieces and padded with.
+
+    Returns:
+      int32 [batch, length]: at most `length - 1` pieces, EOS, then padding.
+    """
+    import tensorflow as tf
+
+    if length < 1:
+        raise ValueError(f"length must be at least 1, got {length}")
+    ids = tf.cast(ids[:, : length - 1], tf.int32)
+    eos = tf.fill([ids.nrows(), 1], tf.constant(eos_id, tf.int32))
+    ids = tf.concat([ids, tf.RaggedTensor.from_tensor(eos)], axis=1)
+    dense = ids.to_tensor(default_value=pad_id, shape=[None, length])
+    return tf.ensure_shape(dense, [None, length])
