@@ -84,13 +84,20 @@ def resolve_gin_file(name: str | os.PathLike) -> Path:
 def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str] = ()) -> None:
     """Registers mmt's configurables, parses files then bindings, and locks the config.
 
+    Any earlier config is cleared first, so an entry point can run twice in one process
+    (a notebook).
+
     Raises:
       ConfigError: naming the file or binding at fault, before anything runs.
     """
     import mmt.configurables  # noqa: F401  (registers the configurables)
 
-    if str(GIN_DIR) not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-        gin.add_config_file_search_path(str(GIN_DIR))
+    reset()
+    prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+    if str(GIN_DIR) not in prefixes:
+        # First, not appended: gin tries each prefix in order and logs an alarming
+        # "Path not found" for every miss before it reaches mmt's own files.
+        prefixes.insert(0, str(GIN_DIR))
     files = [str(resolve_gin_file(f)) for f in gin_files]
     try:
         gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=True)

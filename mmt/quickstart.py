@@ -101,7 +101,7 @@ def run(
     )
     for bar in bars.values():
         bar.close()
-    _done(start, ", ".join(f"{s}: {manifest.splits[s].records}" for s in counts))
+    _done(start, ", ".join(f"{s}: {manifest.splits[s].num_records}" for s in counts))
 
     start = _stage(4, total_stages, f"drawing {grid_samples} paired samples")
     sample_source = examples.get("paired") or next(iter(examples.values()))
@@ -117,7 +117,7 @@ def run(
         "vocabulary_fingerprint": tokenizer.fingerprint(),
         "data_dir": str(data_dir.resolve()),
         "manifest": str((data_dir / "manifest.json").resolve()),
-        "records": {s: manifest.splits[s].records for s in counts},
+        "records": {s: manifest.splits[s].num_records for s in counts},
         "samples_png": str(grid_path.resolve()),
         "config": str((workdir / mmt_config.FULL_CONFIG).resolve()),
     }

@@ -4,7 +4,11 @@ import gin
 import pytest
 
 from mmt import config as mmt_config
+from mmt import quickstart
 from mmt.data import shapes
+
+# What `python -m mmt.quickstart` registers before it parses its gin files.
+mmt_config.configurable_entry(quickstart.run, "quickstart")
 
 
 def _probe(a, b=2, **kwargs):

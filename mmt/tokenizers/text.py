@@ -268,8 +268,10 @@ def terminate_and_pad(ids: "tf.RaggedTensor", length: int, eos_id: int, pad_id: 
 
     if length < 1:
         raise ValueError(f"length must be at least 1, got {length}")
-    ids = tf.cast(ids[:, : length - 1], tf.int32)
+    # Row splits may be int32 (tf_text) or int64 (tf.ragged.constant); concat needs one.
+    ids = tf.cast(ids[:, : length - 1], tf.int32).with_row_splits_dtype(tf.int64)
     eos = tf.fill([ids.nrows(), 1], tf.constant(eos_id, tf.int32))
-    ids = tf.concat([ids, tf.RaggedTensor.from_tensor(eos)], axis=1)
+    eos = tf.RaggedTensor.from_tensor(eos, row_splits_dtype=tf.int64)
+    ids = tf.concat([ids, eos], axis=1)
     dense = ids.to_tensor(default_value=pad_id, shape=[None, length])
     return tf.ensure_shape(dense, [None, length])
