@@ -75,7 +75,7 @@ def resolve_gin_file(name: str | os.PathLike) -> Path:
             candidates.append(GIN_DIR / Path(*path.parts[1:]))
     for candidate in candidates:
         if candidate.is_file():
-            return candidate
+            return candidate.resolve()  # absolute: gin then reads it without searching
     raise ConfigError(
         f"gin file not found: {name} (looked in: {', '.join(str(c) for c in candidates)})"
     )

@@ -3,11 +3,31 @@
 Library modules never import gin (STYLE.md, principle 3): they take plain typed
 arguments, and this module makes them bindable. Entry points import it through
 `mmt.config.parse`. Names are short and unique so gin files read naturally
-(`ShapesConfig.resolution = 64`).
+(`ShapesConfig.resolution = 64`, `Trainer.train_steps = 1000`).
+
+Classes that hold TensorFlow state (optimizers, the trainer's task) are bound in gin
+without parentheses (`Trainer.optimizer = @Adafactor`): the trainer calls the factory
+inside its strategy's scope, where their variables must be created.
 """
 
 import gin
+import keras
 
-from mmt.data import shapes
+from mmt.data import pipeline, shapes
+from mmt.optimizers import Adafactor, Constant, Rsqrt, WarmupCosine
+from mmt.training.trainer import Trainer as _Trainer
 
 gin.external_configurable(shapes.ShapesConfig, "ShapesConfig")
+gin.external_configurable(pipeline.StreamSpec, "StreamSpec")
+
+# Optimizers and schedules.
+gin.external_configurable(Adafactor, "Adafactor")
+gin.external_configurable(keras.optimizers.AdamW, "AdamW")
+gin.external_configurable(keras.optimizers.Adam, "Adam")
+gin.external_configurable(keras.optimizers.SGD, "SGD")
+gin.external_configurable(WarmupCosine, "WarmupCosine")
+gin.external_configurable(Constant, "Constant")
+gin.external_configurable(Rsqrt, "Rsqrt")
+
+#: `Trainer` with its gin bindings applied (what `python -m mmt.train` constructs).
+Trainer = gin.external_configurable(_Trainer, "Trainer")

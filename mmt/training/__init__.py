@@ -1,0 +1,1 @@
+"""The one trainer every mmt model trains with."""

@@ -1,0 +1,141 @@
+"""The contract between a model and the one trainer (DESIGN.md §5, STYLE.md: orbit tasks).
+
+A task is a single-replica view of training: it owns the Keras model and says how to
+compute named losses from one replica's batch. The trainer owns everything else --
+strategy, optimizers, schedules, gradient clipping, mixed precision, checkpoints,
+summaries -- so no model grows a training loop of its own.
+
+This module is backend-neutral (no TensorFlow import): model code builds tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple, Sequence
+
+from keras import ops
+from keras.random import SeedGenerator
+from keras.src.backend import random_seed_dtype  # the backend's seed dtype (no public alias)
+
+
+class Ratio(NamedTuple):
+    """A loss whose normaliser is summed over all replicas before dividing.
+
+    A masked-token loss is `sum(ce * mask) / sum(mask)`; per replica the mask counts
+    differ, so dividing on each replica and averaging would weight replicas unequally
+    and make the update depend on the replica count. Return
+    `Ratio(sum(ce * mask), sum(mask))` and the trainer divides by the global sum.
+    """
+
+    numerator: Any  # float scalar
+    denominator: Any  # float scalar, > 0 summed over replicas
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerGroup:
+    """One optimizer over a disjoint set of variables (a GAN has two).
+
+    Attributes:
+      name: the group's name: selects its optimizer and schedule in gin, names its
+        summaries (`grad_norm/<name>`), and its slots in checkpoints.
+      losses: names of the losses whose weighted sum this group minimises; empty means
+        every loss.
+      variable_prefixes: a trainable variable belongs to the group when its path
+        (`variable.path`) starts with one of these; empty means every trainable
+        variable not claimed by another group.
+    """
+
+    name: str
+    losses: tuple[str, ...] = ()
+    variable_prefixes: tuple[str, ...] = ()
+
+
+class Task:
+    """Base class of everything the trainer trains. Subclasses set `model` in `__init__`.
+
+    Required:
+      model: a `keras.Model` (or Layer) holding every variable.
+      build(): creates all variables without reading data (so `--dry_run` and
+        checkpoint restoring work before the first batch).
+      compute_losses(batch, step, seed): see below.
+
+    Optional hooks have working defaults.
+    """
+
+    model: Any = None
+    #: loss name -> weight in the total; a loss missing here has weight 1.0. Weight 0
+    #: keeps a loss in the summaries without training on it.
+    loss_weights: Mapping[str, float] = {}
+
+    def build(self) -> None:
+        """Creates the model's variables (e.g. by calling it on zeros of the right shape)."""
+        raise TypeError(f"{type(self).__name__} must implement build()")
+
+    def compute_losses(self, batch: Mapping[str, Any], step: Any, seed: Any) -> Mapping[str, Any]:
+        """One replica's losses.
+
+        Args:
+          batch: this replica's batch, `{stream: {field: tensor}}` as produced by
+            `mmt.data.pipeline` (string fields removed).
+          step: int64 scalar, the global step being computed (0-based).
+          seed: a `StepSeed` unique to (run seed, step, replica): pass it as the
+            `seed` of `keras.random` calls; each draw gets fresh numbers.
+
+        Returns:
+          name -> float32 scalar (the mean over this replica's batch) or `Ratio`.
+        """
+        raise TypeError(f"{type(self).__name__} must implement compute_losses()")
+
+    def optimizer_groups(self) -> Sequence[OptimizerGroup]:
+        """The optimizer groups; by default one group, `model`, over everything."""
+        return (OptimizerGroup("model"),)
+
+    def image_summaries(self, batch: Mapping[str, Any], step: int) -> Mapping[str, Any]:
+        """name -> uint8 [N, H, W, 3] images for TensorBoard (runs eagerly, outside the step)."""
+        return {}
+
+    def evaluate(self, step: int) -> Mapping[str, float]:
+        """Periodic evaluation: name -> scalar, written to the summaries."""
+        return {}
+
+    def component_layers(self) -> Mapping[str, Any]:
+        """Top-level components for the parameter breakdown of `--dry_run`."""
+        layers = getattr(self.model, "_layers", None) or getattr(self.model, "layers", [])
+        return {layer.name: layer for layer in layers}
+
+
+class StepSeed(SeedGenerator):
+    """A stateless seed generator for one replica's step: pass it as `seed=` to `keras.random`.
+
+    Keras's own `SeedGenerator` keeps its state in a variable, which a step would have
+    to update (and a checkpoint to carry, and replicas to disagree about). This one is
+    derived from (run seed, step, replica) by the trainer and counts its draws at trace
+    time, so every random draw of a step is a pure function of those three numbers:
+    a resumed run redraws exactly what the uninterrupted run drew.
+    """
+
+    def __init__(self, seed):
+        # Not calling super().__init__: there is no state variable to create.
+        self._seed = ops.convert_to_tensor(seed, random_seed_dtype())
+        self._draws = 0
+
+    def next(self, ordered=True):
+        self._draws += 1
+        return ops.stack([self._seed[0], self._seed[1] + self._draws * 1_000_003])
+
+
+def parameter_breakdown(components: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(name, trainable, non-trainable) parameter counts per component."""
+    rows = []
+    for name, layer in components.items():
+        trainable = sum(int(_size(v)) for v in layer.trainable_variables)
+        frozen = sum(int(_size(v)) for v in layer.non_trainable_variables)
+        rows.append((name, trainable, frozen))
+    return rows
+
+
+def _size(variable) -> int:
+    size = 1
+    for dim in variable.shape:
+        size *= int(dim)
+    return size

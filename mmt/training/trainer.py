@@ -1,0 +1,476 @@
+"""The one trainer every mmt model trains with (DESIGN.md §5).
+
+A `Task` (see `task.py`) gives one replica's named losses; the `Trainer` owns the rest:
+
+* strategy (from `mmt.distribute`) and the XLA decision per strategy;
+* losses reduced so the update does not depend on the replica count: a per-replica
+  mean is divided by the number of replicas, a `Ratio` by its denominator summed over
+  replicas; gradients are then summed across replicas once, by the trainer;
+* one optimizer per `OptimizerGroup` over disjoint variables (a GAN's generator and
+  discriminator), each with gradient clipping by global norm;
+* a non-finite guard: a step whose losses or gradients are not finite leaves weights and
+  optimizer slots untouched, is counted and logged; `max_consecutive_skips` in a row
+  stop the run, the last good checkpoint intact;
+* mixed precision (`mixed_bfloat16`: float32 variables, losses in float32);
+* checkpoints of model, optimizer slots, step and input position (atomic, resumable,
+  see `checkpoint.py`); random numbers are a pure function of (seed, step, replica), so
+  a resumed run repeats the uninterrupted run exactly;
+* SIGTERM / SIGINT: save at the next step boundary and return cleanly (preemption);
+* summaries: every loss, learning rate, gradient norm, skipped steps, steps/s,
+  examples/s to TensorBoard and `metrics.jsonl`, a console line, image summaries and
+  evaluation from task hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import keras
+import tensorflow as tf
+
+from mmt.data import features, pipeline
+from mmt.tokenizers.text import EOS_ID, PAD_ID
+from mmt.training.checkpoint import CheckpointManager
+from mmt.training.summaries import MetricsWriter
+from mmt.training.task import OptimizerGroup, Ratio, StepSeed, Task, parameter_breakdown
+
+_log = logging.getLogger(__name__)
+
+PRECISIONS = ("float32", "mixed_bfloat16", "bfloat16")
+MODES = ("auto", "xla", "graph", "eager")
+_STRING_FIELDS = ("key", "caption")
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason the user must act on (its checkpoints are intact)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    """How `Trainer.run` ended."""
+
+    status: str  # "completed", "preempted", "dry_run"
+    step: int
+    skipped_steps: int
+    last_losses: dict[str, float]
+
+
+class Trainer:
+    """Trains one task. Every argument is gin-bindable (`Trainer.train_steps = 1000`).
+
+    Args:
+      task: a factory (class or function, called without arguments inside the
+        strategy's scope) returning the `Task`.
+      streams: stream name -> `StreamSpec`; global batch sizes.
+      train_steps: the step at which the run ends.
+      optimizer: factory of the optimizer of every group not in `group_optimizers`
+        (e.g. `@Adafactor` in gin, learning rate bound on it).
+      group_optimizers: group name -> optimizer factory.
+      clip_grad_norm: clip each group's gradient to this global norm (ITIT: 3.0);
+        None or 0 disables.
+      seed: the run's seed: shuffling and every random draw of the model.
+      precision: `float32`, `mixed_bfloat16` (float32 variables) or `bfloat16`.
+      mode: `auto` (XLA where the strategy allows it), `xla`, `graph` or `eager`.
+      checkpoint_every: steps between checkpoints (and one at the end).
+      keep_checkpoints: how many checkpoints to keep.
+      log_every: steps between summary writes / console lines.
+      image_every, eval_every: steps between the task's image summaries / evaluation
+        hooks; 0 disables.
+      max_consecutive_skips: non-finite steps in a row that stop the run.
+      progress_bar: None decides by whether stdout is a terminal.
+    """
+
+    def __init__(
+        self,
+        task: Callable[[], Task],
+        streams: Mapping[str, pipeline.StreamSpec],
+        train_steps: int,
+        optimizer: Callable[[], keras.optimizers.Optimizer],
+        group_optimizers: Mapping[str, Callable[[], keras.optimizers.Optimizer]] | None = None,
+        clip_grad_norm: float | None = None,
+        seed: int = 0,
+        precision: str = "float32",
+        mode: str = "auto",
+        checkpoint_every: int = 1000,
+        keep_checkpoints: int = 3,
+        log_every: int = 50,
+        image_every: int = 0,
+        eval_every: int = 0,
+        max_consecutive_skips: int = 10,
+        progress_bar: bool | None = None,
+    ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"Trainer.precision must be one of {PRECISIONS}, got {precision!r}")
+        if mode not in MODES:
+            raise ValueError(f"Trainer.mode must be one of {MODES}, got {mode!r}")
+        for name, value, low in (
+            ("train_steps", train_steps, 0),
+            ("checkpoint_every", checkpoint_every, 1),
+            ("keep_checkpoints", keep_checkpoints, 1),
+            ("log_every", log_every, 1),
+            ("max_consecutive_skips", max_consecutive_skips, 1),
+        ):
+            if int(value) < low:
+                raise ValueError(f"Trainer.{name} must be at least {low}, got {value}")
+        self.task_factory = task
+        self.streams = {name: _without_strings(name, spec) for name, spec in streams.items()}
+        self.train_steps = int(train_steps)
+        self.optimizer_factory = optimizer
+        self.group_optimizers = dict(group_optimizers or {})
+        self.clip_grad_norm = clip_grad_norm or None
+        self.seed = int(seed)
+        self.precision = precision
+        self.mode = mode
+        self.checkpoint_every = int(checkpoint_every)
+        self.keep_checkpoints = int(keep_checkpoints)
+        self.log_every = int(log_every)
+        self.image_every = int(image_every)
+        self.eval_every = int(eval_every)
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.progress_bar = progress_bar
+        self._stop_signal: int | None = None
+
+    # -- building ------------------------------------------------------------------
+
+    def build(self, strategy: tf.distribute.Strategy | None = None) -> None:
+        """Builds task, model variables and optimizers under `strategy` (no data read)."""
+        self.strategy = strategy or tf.distribute.get_strategy()
+        keras.mixed_precision.set_global_policy(self.precision)
+        # Initial weights (and tf.data's global seed) follow the run's seed: two runs of
+        # one config start from the same weights, whatever the strategy.
+        keras.utils.set_random_seed(self.seed)
+        with self.strategy.scope():
+            self.task = self.task_factory()
+            self.task.build()
+            self.groups = tuple(self.task.optimizer_groups())
+            self.group_variables = _assign_variables(self.groups, self.task.model.trainable_variables)
+            unknown = set(self.group_optimizers) - {g.name for g in self.groups}
+            if unknown:
+                raise ValueError(
+                    f"Trainer.group_optimizers names groups {sorted(unknown)}; the task's groups are "
+                    f"{[g.name for g in self.groups]}"
+                )
+            self.optimizers = {}
+            for group in self.groups:
+                factory = self.group_optimizers.get(group.name, self.optimizer_factory)
+                opt = factory()
+                opt.build(self.group_variables[group.name])
+                # The trainer sums gradients across replicas itself (before clipping and
+                # the finiteness check); Keras must not sum them a second time.
+                opt._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)  # pylint: disable=protected-access
+                self.optimizers[group.name] = opt
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.skipped_total = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_total")
+            self.skipped_in_row = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_in_row")
+        loss_names = set(self.task.loss_weights)
+        for group in self.groups:
+            loss_names |= set(group.losses)
+        self._declared_losses = loss_names
+        self.jit_compile = {"auto": None, "xla": True, "graph": False, "eager": False}[self.mode]
+        if self.jit_compile is None:
+            from mmt.distribute import use_jit_compile
+
+            self.jit_compile = use_jit_compile(self.strategy)
+        step_fn = self._train_step
+        if self.mode != "eager":
+            step_fn = tf.function(step_fn, jit_compile=self.jit_compile, reduce_retracing=True)
+        self.train_step = step_fn
+
+    def parameter_report(self) -> str:
+        """The parameter breakdown by top-level component."""
+        rows = [r for r in parameter_breakdown(self.task.component_layers()) if r[1] or r[2]]
+        width = max([len(r[0]) for r in rows] + [9])
+        lines = [f"{'component':<{width}}  {'trainable':>14}  {'frozen':>14}"]
+        for name, trainable, frozen in rows:
+            lines.append(f"{name:<{width}}  {trainable:>14,}  {frozen:>14,}")
+        lines.append(f"{'total':<{width}}  {sum(r[1] for r in rows):>14,}  {sum(r[2] for r in rows):>14,}")
+        return "\n".join(lines)
+
+    # -- the step ------------------------------------------------------------------
+
+    def _weight(self, name: str) -> float:
+        return float(self.task.loss_weights.get(name, 1.0))
+
+    def _group_losses(self, group: OptimizerGroup, names) -> list[str]:
+        return list(group.losses) if group.losses else sorted(names)
+
+    def _replica_gradients(self, batch, step):
+        """One replica: losses, all-reduced and clipped gradients, norms, finiteness."""
+        ctx = tf.distribute.get_replica_context()
+        num_replicas = self.strategy.num_replicas_in_sync
+        replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
+        seed = StepSeed(tf.stack([tf.constant(self.seed, tf.int64), step * 4096 + replica]))
+        with tf.GradientTape(persistent=len(self.groups) > 1) as tape:
+            raw = self.task.compute_losses(batch, step, seed)
+            losses = {}
+            for name, value in raw.items():
+                if isinstance(value, Ratio):
+                    denominator = ctx.all_reduce("sum", tf.stop_gradient(tf.cast(value.denominator, tf.float32)))
+                    losses[name] = tf.cast(value.numerator, tf.float32) / tf.maximum(denominator, 1e-9)
+                else:
+                    # A per-replica mean; gradients are summed over replicas below.
+                    losses[name] = tf.cast(value, tf.float32) / num_replicas
+            group_totals = {}
+            for group in self.groups:
+                names = self._group_losses(group, losses)
+                missing = [n for n in names if n not in losses]
+                if missing:
+                    raise KeyError(f"optimizer group {group.name!r} trains on losses {missing} that the task does not return")
+                group_totals[group.name] = tf.add_n([self._weight(n) * losses[n] for n in names])
+        grads, norms = {}, {}
+        for group in self.groups:
+            variables = self.group_variables[group.name]
+            group_grads = tape.gradient(group_totals[group.name], variables)
+            group_grads = [tf.zeros_like(v) if g is None else g for g, v in zip(group_grads, variables)]
+            group_grads = ctx.all_reduce("sum", group_grads)
+            norms[group.name] = tf.linalg.global_norm(group_grads)
+            if self.clip_grad_norm:
+                group_grads, _ = tf.clip_by_global_norm(group_grads, self.clip_grad_norm, use_norm=norms[group.name])
+            grads[group.name] = group_grads
+        del tape
+        losses = ctx.all_reduce("sum", losses)
+        totals = ctx.all_reduce("sum", group_totals)
+        finite = tf.reduce_all(
+            [tf.math.is_finite(x) for x in [*norms.values(), *losses.values(), *totals.values()]]
+        )
+        metrics = {f"loss/{k}": v for k, v in losses.items()}
+        metrics.update({f"total_loss/{k}": v for k, v in totals.items()})
+        metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
+        return grads, metrics, finite
+
+    def _replica_apply(self, grads):
+        for group in self.groups:
+            self.optimizers[group.name].apply(grads[group.name], self.group_variables[group.name])
+
+    def _train_step(self, batch):
+        grads, metrics, finite = self.strategy.run(self._replica_gradients, args=(batch, self.step.read_value()))
+        finite = self.strategy.experimental_local_results(finite)[0]
+        metrics = {k: self.strategy.experimental_local_results(v)[0] for k, v in metrics.items()}
+
+        def apply():
+            self.strategy.run(self._replica_apply, args=(grads,))
+            self.skipped_in_row.assign(0)
+            return tf.constant(True)
+
+        def skip():
+            self.skipped_in_row.assign_add(1)
+            self.skipped_total.assign_add(1)
+            return tf.constant(False)
+
+        applied = tf.cond(finite, apply, skip)
+        self.step.assign_add(1)
+        return metrics, applied
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _handle_signal(self, signum, frame):  # pylint: disable=unused-argument
+        self._stop_signal = signum
+
+    def _learning_rates(self) -> dict[str, float]:
+        return {f"learning_rate/{n}": float(keras.ops.convert_to_numpy(o.learning_rate)) for n, o in self.optimizers.items()}
+
+    def run(self, workdir: str, *, strategy: tf.distribute.Strategy | None = None, dry_run: bool = False,
+            allow_config_change: bool = False) -> RunResult:
+        """Builds everything, resumes from the newest valid checkpoint, trains.
+
+        Args:
+          workdir: the run's directory (checkpoints, summaries, records of the run).
+          strategy: from `mmt.distribute.make_strategy`; None is the default strategy.
+          dry_run: print the parameter breakdown (and the operative config, when given)
+            and return without reading data.
+          allow_config_change: resume even if gin's operative config (taken after the
+            task is built, so it holds the model's bindings) differs from the one
+            recorded in `workdir`.
+        """
+        previous_policy = keras.mixed_precision.global_policy()
+        try:
+            return self._run(workdir, strategy, dry_run, allow_config_change)
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+
+    def _run(self, workdir, strategy, dry_run, allow_config_change) -> RunResult:
+        self.build(strategy)
+        operative_config = _operative_config()
+        if dry_run:
+            print(self.parameter_report())
+            print("\n# operative config\n" + operative_config)
+            return RunResult("dry_run", 0, 0, {})
+        workdir = os.fspath(workdir)
+        tf.io.gfile.makedirs(workdir)
+        self._record_run(workdir, operative_config, allow_config_change)
+        inputs = pipeline.InputIterator.from_specs(
+            self.streams,
+            strategy=self.strategy,
+            seed=self.seed,
+            eos_id=getattr(self.task, "eos_id", EOS_ID),
+            pad_id=getattr(self.task, "pad_id", PAD_ID),
+            expected_image_tokenizer=getattr(self.task, "image_tokenizer_fingerprint", None),
+            expected_text_vocab=getattr(self.task, "text_vocab_fingerprint", None),
+        )
+        checkpoint = tf.train.Checkpoint(
+            model=self.task.model,
+            step=self.step,
+            skipped_total=self.skipped_total,
+            skipped_in_row=self.skipped_in_row,
+            iterator=inputs.checkpointable,
+            **{f"optimizer_{name}": opt for name, opt in self.optimizers.items()},
+        )
+        manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint, keep=self.keep_checkpoints)
+        restored = manager.restore_latest()
+        start = int(self.step.numpy())
+        if restored is not None:
+            print(f"resumed from checkpoint at step {restored}", flush=True)
+        examples_per_step = sum(spec.batch_size for spec in self.streams.values())
+        writer = MetricsWriter(workdir, self.train_steps, start, progress_bar=self.progress_bar)
+        handlers = {sig: signal.signal(sig, self._handle_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._stop_signal = None
+        status, step, last = "completed", start, {}
+        try:
+            while step < self.train_steps:
+                batch = next(inputs)
+                metrics, applied = self.train_step(batch)
+                step += 1
+                if not bool(applied):
+                    in_row = int(self.skipped_in_row.numpy())
+                    writer.message(f"step {step}: non-finite losses or gradients; update skipped ({in_row} in a row)")
+                    if in_row >= self.max_consecutive_skips:
+                        writer.flush()
+                        raise TrainingError(
+                            f"{in_row} consecutive steps with non-finite losses or gradients (up to step {step}); "
+                            f"stopped. The last checkpoint in {manager.directory} holds the last good weights "
+                            f"(step {manager.latest_step()}). Lower the learning rate, check the data, or "
+                            "raise Trainer.max_consecutive_skips."
+                        )
+                if step % self.log_every == 0 or step == self.train_steps or step == start + 1:
+                    last = {k: float(v) for k, v in metrics.items()}
+                    rate = writer.rates(step)
+                    scalars = {**last, **self._learning_rates(),
+                               "skipped_steps": float(self.skipped_total.numpy()),
+                               "steps_per_s": rate, "examples_per_s": rate * examples_per_step}
+                    writer.scalars(step, scalars)
+                    writer.console(step, {k: v for k, v in last.items() if k.startswith("loss/")}, rate)
+                if self.image_every and step % self.image_every == 0:
+                    writer.images(step, self.task.image_summaries(_first_replica(self.strategy, batch), step))
+                if self.eval_every and step % self.eval_every == 0:
+                    results = self.task.evaluate(step)
+                    if results:
+                        writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
+                if step % self.checkpoint_every == 0 or step == self.train_steps or self._stop_signal is not None:
+                    manager.save(step, metadata={"skipped_total": int(self.skipped_total.numpy())})
+                if self._stop_signal is not None:
+                    name = signal.Signals(self._stop_signal).name
+                    writer.message(f"{name} received: saved a checkpoint at step {step} and stopped")
+                    status = "preempted"
+                    break
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            writer.close()
+        return RunResult(status, step, int(self.skipped_total.numpy()), last)
+
+    def _record_run(self, workdir: str, operative_config: str, allow_config_change: bool) -> None:
+        """Writes the operative config, git revision and data manifests into the workdir."""
+        path = os.path.join(workdir, "operative_config.gin")
+        if tf.io.gfile.exists(path) and tf.io.gfile.exists(os.path.join(workdir, "checkpoints")):
+            with tf.io.gfile.GFile(path) as f:
+                recorded = f.read()
+            if recorded != operative_config:
+                import difflib
+
+                diff = "\n".join(
+                    difflib.unified_diff(recorded.splitlines(), operative_config.splitlines(),
+                                         "recorded", "now", lineterm="", n=0)
+                )
+                if not allow_config_change:
+                    raise TrainingError(
+                        f"{workdir} holds a run with a different operative config; resuming it with this "
+                        f"config is refused (pass --allow_config_change to resume anyway):\n{diff}"
+                    )
+                _log.warning("resuming %s with a changed config:\n%s", workdir, diff)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(operative_config)
+        manifests = {}
+        for name, spec in self.streams.items():
+            manifest = features.read_manifest(spec.data_dir)
+            manifests[name] = {"data_dir": spec.data_dir, "split": spec.split, **manifest.to_json()}
+        info = {
+            "git": _git_revision(),
+            "command": sys.argv,
+            "strategy": type(self.strategy).__name__,
+            "replicas": self.strategy.num_replicas_in_sync,
+            "jit_compile": bool(self.jit_compile),
+            "precision": self.precision,
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+            "data": manifests,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with tf.io.gfile.GFile(os.path.join(workdir, "run_info.json"), "w") as f:
+            json.dump(info, f, indent=2, sort_keys=True, default=str)
+
+
+def _without_strings(name: str, spec: pipeline.StreamSpec) -> pipeline.StreamSpec:
+    """Training steps are compiled: string fields (keys, captions) stay out of them."""
+    fields = tuple(f for f in spec.fields if f not in _STRING_FIELDS)
+    if not fields:
+        raise ValueError(f"stream {name!r} reads only string fields {spec.fields}; a training stream needs ids or images")
+    return dataclasses.replace(spec, fields=fields, name=name)
+
+
+def _assign_variables(groups, variables) -> dict[str, list]:
+    """Splits trainable variables into disjoint optimizer groups (see `OptimizerGroup`)."""
+    names = [g.name for g in groups]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"optimizer groups need unique names, got {names}")
+    assigned = {g.name: [] for g in groups}
+    catch_all = [g for g in groups if not g.variable_prefixes]
+    if len(catch_all) > 1:
+        raise ValueError(f"at most one optimizer group may omit variable_prefixes, got {[g.name for g in catch_all]}")
+    for variable in variables:
+        owners = [g for g in groups if any(variable.path.startswith(p) for p in g.variable_prefixes)]
+        if len(owners) > 1:
+            raise ValueError(f"variable {variable.path} matches several optimizer groups: {[g.name for g in owners]}")
+        owner = owners[0] if owners else (catch_all[0] if catch_all else None)
+        if owner is None:
+            raise ValueError(f"variable {variable.path} belongs to no optimizer group {names}")
+        assigned[owner.name].append(variable)
+    empty = [n for n, v in assigned.items() if not v]
+    if empty:
+        raise ValueError(f"optimizer groups {empty} have no trainable variables")
+    return assigned
+
+
+def _first_replica(strategy, batch):
+    return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], batch)
+
+
+def _operative_config() -> str:
+    import gin
+
+    return gin.operative_config_str()
+
+
+def _git_revision() -> dict[str, Any]:
+    """The mmt checkout's revision and whether it had local changes (or why unknown)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        revision = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return {"revision": revision, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError) as e:
+        import mmt
+
+        return {"revision": None, "mmt_version": getattr(mmt, "__version__", "unknown"), "why": str(e)[:200]}
+
+
+__all__ = ["RunResult", "Trainer", "TrainingError"]

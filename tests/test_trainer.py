@@ -1,0 +1,136 @@
+"""The trainer in-process: replica-count independence, eager == XLA, the non-finite guard,
+several optimizer groups, mixed precision."""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mmt import distribute
+from mmt.data.pipeline import StreamSpec
+from mmt.optimizers import Adafactor, Constant
+from mmt.training.checkpoint import CheckpointManager
+from mmt.training.trainer import Trainer, TrainingError
+from tiny_task import TinyTask
+
+
+def _trainer(data_dir, steps, *, task=None, batch_size=8, **kwargs):
+    defaults = dict(
+        task=task or functools.partial(TinyTask, text_length=16),
+        streams={"text": StreamSpec(data_dir, "text_only", batch_size=batch_size, fields=("text_ids", "caption"),
+                                    text_length=16, shuffle_buffer=64)},
+        train_steps=steps,
+        optimizer=functools.partial(Adafactor, learning_rate=Constant(0.01), beta_1=0.9, beta_2=0.96,
+                                    multiply_by_parameter_scale=False, weight_decay=0.01),
+        clip_grad_norm=1.0,
+        seed=5,
+        log_every=1,
+        checkpoint_every=1000,
+        progress_bar=False,
+    )
+    defaults.update(kwargs)
+    return Trainer(**defaults)
+
+
+def _weights(trainer):
+    return [np.array(v) for v in trainer.task.model.weights]
+
+
+def _slots(trainer):
+    return [np.array(v) for opt in trainer.optimizers.values() for v in opt.variables]
+
+
+def _assert_close(a, b, rtol):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        scale = max(np.abs(x).max(), 1e-12)
+        assert np.abs(x - y).max() / scale < rtol
+
+
+def test_one_and_two_replicas_make_the_same_update(tiny_data, tmp_path):
+    task = functools.partial(TinyTask, text_length=16, random_mask=False)
+    one = _trainer(tiny_data["data_dir"], 2, task=task)
+    one.run(tmp_path / "one")
+    two = _trainer(tiny_data["data_dir"], 2, task=task)
+    result = two.run(tmp_path / "two", strategy=distribute.make_strategy(cpu_replicas=2))
+    assert two.strategy.num_replicas_in_sync == 2
+    assert result.step == 2
+    _assert_close(_weights(one), _weights(two), 1e-5)
+    _assert_close(_slots(one), _slots(two), 1e-5)
+
+
+def test_eager_equals_xla(tiny_data, tmp_path):
+    # A fixed mask: TensorFlow's stateless RNG picks its algorithm per device/compiler
+    # (AUTO_SELECT), so eager and XLA draw different random numbers from one seed.
+    task = functools.partial(TinyTask, text_length=16, random_mask=False)
+    eager = _trainer(tiny_data["data_dir"], 3, mode="eager", task=task)
+    eager_result = eager.run(tmp_path / "eager")
+    xla = _trainer(tiny_data["data_dir"], 3, mode="xla", task=task)
+    xla_result = xla.run(tmp_path / "xla")
+    assert xla.jit_compile and not eager.jit_compile
+    for key, value in eager_result.last_losses.items():
+        assert xla_result.last_losses[key] == pytest.approx(value, rel=1e-5), key
+    _assert_close(_weights(eager), _weights(xla), 1e-5)
+
+
+def test_non_finite_step_is_skipped_leaving_weights_and_slots_untouched(tiny_data, tmp_path):
+    clean = _trainer(tiny_data["data_dir"], 2)
+    clean.run(tmp_path / "clean")
+    poisoned = _trainer(tiny_data["data_dir"], 3, task=functools.partial(TinyTask, text_length=16, nan_at_steps=(2,)))
+    result = poisoned.run(tmp_path / "poisoned")
+    assert result.step == 3 and result.skipped_steps == 1
+    # Step 2 (0-based) was skipped: weights and optimizer slots are those after two steps.
+    _assert_close(_weights(clean), _weights(poisoned), 1e-7)
+    _assert_close(_slots(clean), _slots(poisoned), 1e-7)
+    lines = (tmp_path / "poisoned" / "metrics.jsonl").read_text().splitlines()
+    assert '"skipped_steps": 1.0' in lines[-1]
+
+
+def test_consecutive_non_finite_steps_stop_the_run_with_checkpoint_intact(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data["data_dir"], 20, checkpoint_every=1, max_consecutive_skips=3,
+                       task=functools.partial(TinyTask, text_length=16, nan_at_steps=(2, 3, 4, 5)))
+    with pytest.raises(TrainingError, match="3 consecutive steps"):
+        trainer.run(tmp_path)
+    # The newest checkpoint restores finite weights.
+    fresh = _trainer(tiny_data["data_dir"], 20)
+    fresh.build()
+    manager = CheckpointManager(str(tmp_path / "checkpoints"),
+                                tf.train.Checkpoint(model=fresh.task.model))
+    assert manager.latest_step() == 4  # the stop came at step 5, before its checkpoint
+    assert all(np.isfinite(w).all() for w in _weights(fresh))
+
+
+def test_two_optimizer_groups_train_disjoint_variables(tiny_data, tmp_path):
+    trainer = _trainer(
+        tiny_data["data_dir"], 2,
+        task=functools.partial(TinyTask, text_length=16, two_groups=True),
+        group_optimizers={"head": functools.partial(keras.optimizers.Adam, learning_rate=1e-3)},
+    )
+    trainer.build()
+    before = {v.path: np.array(v) for v in trainer.task.model.trainable_variables}
+    result = trainer.run(tmp_path)
+    head = {v.path for v in trainer.group_variables["head"]}
+    body = {v.path for v in trainer.group_variables["body"]}
+    assert head and body and not head & body
+    assert all(p.startswith(("logits", "mlp")) for p in head)
+    assert isinstance(trainer.optimizers["head"], keras.optimizers.Adam)
+    assert isinstance(trainer.optimizers["body"], Adafactor)
+    assert {"grad_norm/head", "grad_norm/body", "loss/masked_ce", "loss/l2"} <= set(result.last_losses)
+    changed = {v.path for v in trainer.task.model.trainable_variables if not np.array_equal(before[v.path], v)}
+    assert changed == head | body
+
+
+def test_mixed_bfloat16_keeps_float32_variables(tiny_data, tmp_path):
+    trainer = _trainer(tiny_data["data_dir"], 2, precision="mixed_bfloat16")
+    result = trainer.run(tmp_path)
+    assert all(v.dtype == "float32" for v in trainer.task.model.weights)
+    assert np.isfinite(result.last_losses["loss/masked_ce"])
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+
+
+def test_bad_group_optimizer_name_is_refused(tiny_data):
+    trainer = _trainer(tiny_data["data_dir"], 1, group_optimizers={"generatr": keras.optimizers.Adam})
+    with pytest.raises(ValueError, match="generatr"):
+        trainer.build()
