@@ -134,3 +134,20 @@ def test_bad_group_optimizer_name_is_refused(tiny_data):
     trainer = _trainer(tiny_data["data_dir"], 1, group_optimizers={"generatr": keras.optimizers.Adam})
     with pytest.raises(ValueError, match="generatr"):
         trainer.build()
+
+
+def test_itit_optimizer_gin_binds_the_paper_settings():
+    import gin
+
+    from mmt import config as mmt_config
+
+    try:
+        mmt_config.parse(["run/train_defaults.gin", "optimizer/itit_adafactor.gin"],
+                         ["TRAIN_STEPS = 1500000", "PEAK_LEARNING_RATE = 1e-4"])
+        optimizer = gin.get_configurable("Adafactor")()
+        schedule = optimizer._learning_rate  # pylint: disable=protected-access
+        assert (optimizer.beta_1, optimizer.beta_2, optimizer.weight_decay) == (0.9, 0.96, 0.045)
+        assert (schedule.warmup_steps, schedule.decay_steps) == (5000, 1_495_000)
+        assert gin.query_parameter("Trainer.clip_grad_norm") == 3.0
+    finally:
+        mmt_config.reset()

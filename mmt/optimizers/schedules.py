@@ -41,8 +41,14 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     ITIT (Table 3): peak 1e-4, 5,000 warmup steps, cosine decay over the rest of 1.5M.
     """
 
-    def __init__(self, peak_value: float, warmup_steps: int, decay_steps: int,
-                 end_value: float = 0.0):
+    def __init__(self, peak_value: float, warmup_steps: int, decay_steps: int | None = None,
+                 end_value: float = 0.0, total_steps: int | None = None):
+        """Give `decay_steps`, or `total_steps` (decay over what the warmup leaves)."""
+        if (decay_steps is None) == (total_steps is None):
+            raise ValueError("WarmupCosine needs exactly one of decay_steps and total_steps, "
+                             f"got decay_steps={decay_steps}, total_steps={total_steps}")
+        if total_steps is not None:
+            decay_steps = int(total_steps) - int(warmup_steps)
         _check_steps("warmup_steps", warmup_steps, 0)
         _check_steps("decay_steps", decay_steps, 1)
         self.peak_value = float(peak_value)

@@ -94,6 +94,13 @@ class Task:
         """name -> uint8 [N, H, W, 3] images for TensorBoard (runs eagerly, outside the step)."""
         return {}
 
+    def histogram_summaries(self, batch: Mapping[str, Any], step: int) -> Mapping[str, Any]:
+        """name -> 1-D array for TensorBoard histograms (e.g. code usage); same cadence as images."""
+        return {}
+
+    def export(self, directory: str) -> None:
+        """Writes the trained artefact (e.g. a tokenizer via `ImageTokenizer.save`) when the run completes."""
+
     def evaluate(self, step: int) -> Mapping[str, float]:
         """Periodic evaluation: name -> scalar, written to the summaries."""
         return {}

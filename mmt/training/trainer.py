@@ -306,7 +306,9 @@ class Trainer:
             return RunResult("dry_run", 0, 0, {})
         workdir = os.fspath(workdir)
         tf.io.gfile.makedirs(workdir)
-        self._record_run(workdir, operative_config, allow_config_change)
+        chief, worker = _chief_and_worker(self.strategy)
+        if chief:
+            self._record_run(workdir, operative_config, allow_config_change)
         inputs = pipeline.InputIterator.from_specs(
             self.streams,
             strategy=self.strategy,
@@ -326,6 +328,11 @@ class Trainer:
         )
         manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint, keep=self.keep_checkpoints)
         restored = manager.restore_latest()
+        if not chief:
+            # Every worker takes part in saving (variables are read collectively), but
+            # only the chief's copy is kept: the others write to their own scratch space.
+            workdir = os.path.join(workdir, "workers", worker)
+            manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint, keep=1)
         start = int(self.step.numpy())
         if restored is not None:
             print(f"resumed from checkpoint at step {restored}", flush=True)
@@ -359,7 +366,10 @@ class Trainer:
                     writer.scalars(step, scalars)
                     writer.console(step, {k: v for k, v in last.items() if k.startswith("loss/")}, rate)
                 if self.image_every and step % self.image_every == 0:
-                    writer.images(step, self.task.image_summaries(_first_replica(self.strategy, batch), step))
+                    local = _first_replica(self.strategy, batch)
+                    writer.images(step, self.task.image_summaries(local, step))
+                    for name, values in self.task.histogram_summaries(local, step).items():
+                        writer.histogram(step, name, values)
                 if self.eval_every and step % self.eval_every == 0:
                     results = self.task.evaluate(step)
                     if results:
@@ -371,6 +381,8 @@ class Trainer:
                     writer.message(f"{name} received: saved a checkpoint at step {step} and stopped")
                     status = "preempted"
                     break
+            if status == "completed" and chief:
+                self.task.export(os.path.join(workdir, "export"))
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -446,6 +458,18 @@ def _assign_variables(groups, variables) -> dict[str, list]:
     if empty:
         raise ValueError(f"optimizer groups {empty} have no trainable variables")
     return assigned
+
+
+def _chief_and_worker(strategy) -> tuple[bool, str]:
+    """Whether this process is the chief (owns the workdir), and its task name."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if resolver is None or not task_type or isinstance(strategy, tf.distribute.TPUStrategy):
+        return True, "chief"
+    task_id = int(resolver.task_id or 0)
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    return chief, f"{task_type}_{task_id}"
 
 
 def _first_replica(strategy, batch):
