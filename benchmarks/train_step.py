@@ -1,0 +1,195 @@
+"""How close mmt's train step comes to the machine's matmul ceiling, against stock Keras.
+
+    python benchmarks/train_step.py                      # widths 512 and 256
+    python benchmarks/train_step.py --widths 512 --steps 20 --precision mixed_bfloat16
+
+For each width it trains, on one fixed batch of 8 x 256 tokens (masked-token objective,
+depth 4, MLP 4x, vocabulary 1024):
+
+* **mmt**: `mmt.layers` (fused-QKV attention, pre-LN blocks) through mmt's own
+  `Trainer.train_step` -- the same compiled step every model trains with: two-phase
+  update with non-finite guard, gradient clipping by global norm, Adafactor.
+* **stock Keras**: `keras.layers.MultiHeadAttention` / `Dense` / `LayerNormalization`
+  blocks, trained with `model.compile(jit_compile=True)` + `train_on_batch` (what
+  `model.fit` runs per step) and `keras.optimizers.Adam`.
+
+It prints achieved GFLOP/s (analytic FLOPs of a training step: 3x the forward matmuls),
+the same run's fp32 matmul ceiling (the better of XLA and plain `tf.matmul` on
+2048x2048), and their ratio. Machines differ (AVX2 / AVX-512), so only the ratios of one
+run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from mmt.layers import TransformerStack
+from mmt.optimizers import Adafactor, Constant
+from mmt.training.task import Ratio, Task
+from mmt.training.trainer import Trainer
+
+BATCH, TOKENS, DEPTH, VOCAB = 8, 256, 4, 1024
+MASK_ID = VOCAB - 1
+
+
+def train_flops(width: int) -> float:
+    """Analytic FLOPs of one training step (forward x 3), matmuls only."""
+    per_token_layer = 24 * width**2 + 4 * TOKENS * width  # QKV+out (8D^2), MLP (16D^2), QK^T and AV
+    per_token = DEPTH * per_token_layer + 2 * width * VOCAB  # + logits
+    return 3.0 * BATCH * TOKENS * per_token
+
+
+def matmul_ceiling(n: int = 2048, repeats: int = 20) -> dict[str, float]:
+    """fp32 GFLOP/s of an n x n matmul, with and without XLA."""
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    results = {}
+    for name, jit in (("xla", True), ("tf", False)):
+        fn = tf.function(lambda x, y: tf.matmul(x, y), jit_compile=jit)
+        fn(a, b).numpy()
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                out = fn(a, b)
+            out.numpy()
+            best = min(best, (time.perf_counter() - start) / repeats)
+        results[name] = 2 * n**3 / best / 1e9
+    return results
+
+
+class _BenchTask(Task):
+    """Masked-token prediction with mmt's layers (a UPGen-shaped encoder)."""
+
+    def __init__(self, width: int):
+        tokens = keras.Input((TOKENS,), dtype="int32")
+        x = keras.layers.Embedding(VOCAB, width, name="embed")(tokens)
+        x = TransformerStack(DEPTH, num_heads=width // 64, mlp_dim=4 * width, name="encoder")(x)
+        logits = keras.layers.Dense(VOCAB, name="logits", dtype="float32")(x)
+        self.model = keras.Model(tokens, logits)
+
+    def build(self):
+        self.model(ops.zeros((1, TOKENS), "int32"))
+
+    def compute_losses(self, batch, step, seed):
+        ids, mask = batch["tokens"]["ids"], batch["tokens"]["mask"]
+        logits = self.model(ops.where(mask > 0, MASK_ID, ids), training=True)
+        ce = keras.losses.sparse_categorical_crossentropy(ids, logits, from_logits=True)
+        return {"masked_ce": Ratio(ops.sum(ce * mask), ops.sum(mask))}
+
+
+def _batch(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB - 1, (BATCH, TOKENS)).astype(np.int32)
+    mask = (rng.random((BATCH, TOKENS)) < 0.5).astype(np.float32)
+    return ids, mask
+
+
+def _time(step, steps: int) -> float:
+    """Seconds per step (after 3 warm-up steps), best of 3 rounds."""
+    for _ in range(3):
+        step()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def bench_mmt(width: int, steps: int, precision: str, jit: bool) -> float:
+    trainer = Trainer(
+        task=functools.partial(_BenchTask, width),
+        streams={},
+        train_steps=steps,
+        optimizer=functools.partial(Adafactor, learning_rate=Constant(1e-3), beta_1=0.9, beta_2=0.96,
+                                    multiply_by_parameter_scale=False, weight_decay=0.045),
+        clip_grad_norm=3.0,
+        precision=precision,
+        mode="xla" if jit else "graph",
+    )
+    trainer.build()
+    ids, mask = _batch()
+    batch = {"tokens": {"ids": tf.constant(ids), "mask": tf.constant(mask)}}
+
+    def step():
+        metrics, _ = trainer.train_step(batch)
+        metrics["loss/masked_ce"].numpy()
+
+    try:
+        return _time(step, steps)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def bench_stock(width: int, steps: int, precision: str, jit: bool) -> float:
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        tokens = keras.Input((TOKENS,), dtype="int32")
+        x = keras.layers.Embedding(VOCAB, width)(tokens)
+        for _ in range(DEPTH):
+            y = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+            y = keras.layers.MultiHeadAttention(width // 64, 64)(y, y)
+            x = x + y
+            y = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+            y = keras.layers.Dense(4 * width, activation="gelu")(y)
+            x = x + keras.layers.Dense(width)(y)
+        x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+        logits = keras.layers.Dense(VOCAB, dtype="float32")(x)
+        model = keras.Model(tokens, logits)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit)
+        ids, mask = _batch()
+        inputs = np.where(mask > 0, MASK_ID, ids)
+        return _time(lambda: model.train_on_batch(inputs, ids, sample_weight=mask), steps)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[512, 256])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (3 rounds, best kept)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
+    parser.add_argument("--no_xla", action="store_true", help="also time both models without XLA")
+    args = parser.parse_args(argv)
+
+    ceiling = matmul_ceiling()
+    best_ceiling = max(ceiling.values())
+    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"tensorflow {tf.__version__}, keras {keras.__version__}; "
+          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default (on)')}")
+    print(f"fp32 matmul 2048^2 ceiling: {best_ceiling:.1f} GFLOP/s (xla {ceiling['xla']:.1f}, tf {ceiling['tf']:.1f})")
+    print(f"batch {BATCH} x {TOKENS} tokens, depth {DEPTH}, vocab {VOCAB}, precision {args.precision}\n")
+    header = f"{'model':<12} {'width':>5} {'xla':>4} {'ms/step':>8} {'GFLOP/s':>8} {'% ceiling':>9}"
+    print(header)
+    print("-" * len(header))
+    modes = [True, False] if args.no_xla else [True]
+    for width in args.widths:
+        flops = train_flops(width)
+        results = {}
+        for jit in modes:
+            for name, bench in (("mmt", bench_mmt), ("stock keras", bench_stock)):
+                seconds = bench(width, args.steps, args.precision, jit)
+                gflops = flops / seconds / 1e9
+                results[(name, jit)] = gflops
+                print(f"{name:<12} {width:>5} {'on' if jit else 'off':>4} {seconds * 1e3:>8.1f} {gflops:>8.1f} "
+                      f"{100 * gflops / best_ceiling:>8.1f}%", flush=True)
+        print(f"  width {width}: mmt / stock keras (XLA) = {results[('mmt', True)] / results[('stock keras', True)]:.2f}x\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
