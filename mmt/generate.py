@@ -1,0 +1,80 @@
+"""Generates from a trained workdir: images from prompts, captions from images.
+
+    python -m mmt.generate --workdir=/tmp/itit_tiny --prompt="a large red circle in the top left"
+    python -m mmt.generate --workdir=/tmp/itit_tiny --image=photo.png --image=other.png
+
+Images go to `--output` (default `{workdir}/generated/`) as PNGs named after their
+prompt, with `prompts.json`; captions are printed and written to `captions.json`.
+Sampling options (`--num_steps`, `--guidance_scale`, `--choice_temperature`,
+`--beam_size`) default to the task's gin-bound `generation` settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmt.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--prompt", action="append", default=[], help="text -> image (repeatable)")
+    parser.add_argument("--image", action="append", default=[], help="image file -> caption (repeatable)")
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_steps", type=int)
+    parser.add_argument("--guidance_scale", type=float)
+    parser.add_argument("--choice_temperature", type=float)
+    parser.add_argument("--beam_size", type=int)
+    args = parser.parse_args(argv)
+    if not (args.prompt or args.image):
+        parser.error("give at least one --prompt or --image")
+
+    from PIL import Image
+
+    from mmt.training.restore import load_task
+
+    task, step = load_task(args.workdir)
+    for hook in (["text_to_image"] if args.prompt else []) + (["image_to_text"] if args.image else []):
+        if not hasattr(task, hook):
+            print(f"error: {type(task).__name__} cannot {hook.replace('_', ' ')}", file=sys.stderr)
+            return 2
+    output = Path(args.output or Path(args.workdir) / "generated")
+    output.mkdir(parents=True, exist_ok=True)
+    print(f"{type(task).__name__} at step {step}; writing to {output}")
+    if args.prompt:
+        options = {k: getattr(args, k) for k in ("num_steps", "guidance_scale", "choice_temperature")
+                   if getattr(args, k) is not None}
+        images, _ = task.text_to_image(args.prompt, seed=args.seed, **options)
+        names = {}
+        for i, (prompt, image) in enumerate(zip(args.prompt, images)):
+            name = f"{i:03d}_{_slug(prompt)}.png"
+            Image.fromarray(image).save(output / name)
+            names[name] = prompt
+            print(f"{name}: {prompt}")
+        (output / "prompts.json").write_text(json.dumps(names, indent=2) + "\n")
+    if args.image:
+        size = task.tokenizers()[0].image_size
+        pixels = []
+        for path in args.image:
+            with Image.open(path) as im:
+                pixels.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.uint8))
+        captions = task.image_to_text(np.stack(pixels), beam_size=args.beam_size)
+        for path, caption in zip(args.image, captions):
+            print(f"{path}: {caption}")
+        (output / "captions.json").write_text(json.dumps(dict(zip(args.image, captions)), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

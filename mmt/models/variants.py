@@ -1,0 +1,57 @@
+"""Named model sizes: one table per model family (STYLE.md: name sizes, don't repeat numbers).
+
+Gin files pick a size by name (`ITITTask.size = "B"`) and override single fields only
+where an experiment needs it (`ITITTask.size_overrides = {"encoder_depth": 2}`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ITITSize:
+    """Widths and depths of ITIT's three transformers (ITIT App. B).
+
+    The image-text encoder is a ViT of the named size; the text decoder has GIT's 6
+    blocks, the image decoder MAGE's 8. Decoders of the L and H models are narrower
+    than their encoders (the paper does not give their width); with the T5
+    vocabulary (32,128 pieces, tied input/output text embeddings) and 8,192 image codes
+    this gives 226M / 488M / 866M trainable parameters against the paper's 221M / 487M /
+    868M (Table 1), excluding T5 and the VQ tokenizer — `python -m mmt.train --dry_run` prints it.
+    """
+
+    encoder_width: int
+    encoder_depth: int
+    encoder_heads: int
+    decoder_width: int
+    text_decoder_depth: int = 6
+    image_decoder_depth: int = 8
+    decoder_heads: int = 12
+    mlp_ratio: int = 4
+    # The small trainable text encoder of tiny configs (T5 replaces it at scale).
+    text_encoder_width: int = 0
+    text_encoder_depth: int = 0
+
+
+ITIT_SIZES = {
+    "tiny": ITITSize(encoder_width=128, encoder_depth=3, encoder_heads=4, decoder_width=128,
+                     text_decoder_depth=2, image_decoder_depth=2, decoder_heads=4,
+                     text_encoder_width=128, text_encoder_depth=1),
+    "B": ITITSize(encoder_width=768, encoder_depth=12, encoder_heads=12, decoder_width=768),
+    # The paper gives no decoder width; 896 (14 heads of 64) is the width at which the L
+    # total matches Table 1 (768 gives 447M, 1024 gives 532M).
+    "L": ITITSize(encoder_width=1024, encoder_depth=24, encoder_heads=16, decoder_width=896, decoder_heads=14),
+    "H": ITITSize(encoder_width=1280, encoder_depth=32, encoder_heads=16, decoder_width=1024, decoder_heads=16),
+}
+
+
+def itit_size(name: str, **overrides) -> ITITSize:
+    """The named ITIT size with `overrides` applied (unknown names fail with the choices)."""
+    if name not in ITIT_SIZES:
+        raise ValueError(f"unknown ITIT size {name!r}; choose one of {sorted(ITIT_SIZES)}")
+    fields = {f.name for f in dataclasses.fields(ITITSize)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown ITIT size fields {sorted(unknown)}; fields are {sorted(fields)}")
+    return dataclasses.replace(ITIT_SIZES[name], **overrides)

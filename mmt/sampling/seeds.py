@@ -1,0 +1,74 @@
+"""Randomness for the samplers: per-step seeds inside compiled loops, Gumbel noise.
+
+A `keras.random.SeedGenerator` drawn inside a `fori_loop` body is traced once, so every
+iteration would get the same numbers (and Keras's stateful generator cannot update its
+variable inside a JAX trace). The samplers therefore draw one table of seeds before the
+loop and index it with the loop counter: step `i`'s numbers are a pure function of the
+caller's seed and `i`, identical in eager, `tf.function` and XLA runs.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+from keras import random as krandom
+from keras.random import SeedGenerator
+from keras.src.backend import random_seed_dtype  # the backend's seed dtype (no public alias)
+
+# Gumbel noise comes from 23-bit integers: TensorFlow's float `stateless_uniform` gives
+# different numbers eagerly and under XLA, its integer draws do not, so a sampler traced
+# with `jit_compile=True` reproduces the eager run. u = (k + 1/2) / 2^23 is exact in
+# float32 and lies strictly inside (0, 1), so log(-log(u)) is finite (|g| < 17).
+_UNIFORM_BITS = 23
+
+
+class FixedSeed(SeedGenerator):
+    """A stateless `SeedGenerator` over a tensor seed: each `next()` gives a new stream.
+
+    Args:
+      seed: int `[2]` tensor (any integer dtype), e.g. one row of `step_seeds`.
+    """
+
+    def __init__(self, seed):
+        # No state variable: like mmt.training.task.StepSeed, draws are counted at trace time.
+        self._seed = ops.cast(seed, random_seed_dtype())
+        self._draws = 0
+
+    def next(self, ordered=True):
+        self._draws += 1
+        return ops.stack([self._seed[0], self._seed[1] + self._draws])
+
+
+def step_seeds(seed, num_steps: int):
+    """int32 `[num_steps, 2]` independent seeds drawn from `seed` (one draw).
+
+    Args:
+      seed: anything `keras.random` accepts: an int or a `SeedGenerator` (including
+        `mmt.training.task.StepSeed`).
+      num_steps: static number of rows.
+    """
+    return krandom.randint((num_steps, 2), 0, 2**31 - 1, seed=seed, dtype="int32")
+
+
+def seed_at(table, index) -> FixedSeed:
+    """The `FixedSeed` for row `index` (int scalar, may be traced) of a `step_seeds` table."""
+    return FixedSeed(ops.take(table, index, axis=0))
+
+
+def gumbel(shape, seed, dtype="float32"):
+    """Standard Gumbel noise float `shape`: `-log(-log(u))`, `u` uniform on a 2^-23 grid."""
+    k = krandom.randint(shape, 0, 2**_UNIFORM_BITS, seed=seed, dtype="int32")
+    u = (ops.cast(k, "float32") + 0.5) * (2.0**-_UNIFORM_BITS)
+    return ops.cast(-ops.log(-ops.log(u)), dtype)
+
+
+def categorical(logits, seed, temperature: float = 1.0):
+    """Samples int32 `[...]` from float `[..., V]` logits by Gumbel-max.
+
+    `temperature == 0` is argmax (greedy). Rows whose logits are all equal to a large
+    negative value still return a valid index.
+    """
+    logits = ops.cast(logits, "float32")
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return ops.cast(ops.argmax(logits, axis=-1), "int32")
+    noisy = logits / temperature + gumbel(ops.shape(logits), seed)
+    return ops.cast(ops.argmax(noisy, axis=-1), "int32")
