@@ -251,3 +251,20 @@ def test_full_cycle_train_step_compiles_with_xla():
     assert bool(applied) and trainer.jit_compile
     assert {"loss/t2i2t", "loss/i2t2i"} <= set(metrics)
     assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_cached_captioning_equals_full_recomputation_and_beam_one_is_greedy():
+    from mmt.models import itit_inference
+
+    task = _task()
+    keras.utils.set_random_seed(3)
+    for v in task.model.trainable_variables:  # larger weights: distinct, non-trivial captions
+        v.assign(v * 4.0)
+    tokens = ops.convert_to_tensor(_batch()["image_only"]["image_tokens"].reshape(B, 16))
+    cached = np.asarray(itit_inference.greedy_captions(task.model, tokens))
+    full = np.asarray(itit_inference.greedy_captions(task.model, tokens, cached=False))
+    np.testing.assert_array_equal(cached, full)
+    beam1 = np.asarray(itit_inference.beam_captions(task.model, tokens, beam_size=1))
+    np.testing.assert_array_equal(beam1, cached)
+    beam4 = np.asarray(itit_inference.beam_captions(task.model, tokens, beam_size=4))
+    assert beam4.shape == (B, 6) and beam4.min() >= 0 and beam4.max() < 40

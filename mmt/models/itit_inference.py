@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from keras import ops
 
+from mmt.layers import padding_mask
+
 from mmt.sampling import autoregressive, parallel_decode
 
 
@@ -66,22 +68,60 @@ def _caption_logits_fn(model, image_tokens, training: bool = False):
     return logits_fn
 
 
+def _cached_caption_fn(model, image_tokens, training: bool = False):
+    """KV-cached logits function: the image features are prefilled once, then each step
+    runs the text decoder on one token (GIT's mask: text attends to all features and
+    earlier text). Returns `(logits_fn, cache)` for `mmt.sampling.autoregressive`.
+    """
+    batch = ops.shape(image_tokens)[0]
+    features, valid = model.encode_text(model.empty_text(batch), training=training)
+    z, z_valid = model.encode(model.embed_image(image_tokens), features, valid, training=training)
+    prefix = model.text_decoder_projection(z)  # [B, P, D]
+    p = ops.shape(prefix)[1]
+    key_valid = ops.concatenate([z_valid, ops.ones((batch, model.text_length), "bool")], axis=1)  # [B, P + L]
+    cache = model.text_decoder.init_cache(batch, p + model.text_length, dtype=prefix.dtype)
+    _, cache = model.text_decoder(prefix, mask=padding_mask(key_valid), cache=cache, cache_index=0,
+                                  training=training)
+
+    def logits_fn(token, index, cache):
+        repeats = ops.shape(token)[0] // batch
+        keys = ops.repeat(key_valid, repeats, axis=0) if repeats != 1 else key_valid
+        x = model.text_decoder_position(model.text_embedding(token), offset=index)
+        x, cache = model.text_decoder(ops.cast(x, prefix.dtype), mask=padding_mask(keys), cache=cache,
+                                      cache_index=p + index, training=training)
+        return model.text_embedding.attend(x)[:, 0], cache
+
+    return logits_fn, cache
+
+
 def _start(model, batch):
     return ops.full((batch, 1), model.bos_id, "int32")
 
 
-def greedy_captions(model, image_tokens):
-    """Image tokens int32 [B, K] -> caption ids int32 [B, L] (ids, EOS, padding)."""
+def greedy_captions(model, image_tokens, cached: bool = True):
+    """Image tokens int32 [B, K] -> caption ids int32 [B, L] (ids, EOS, padding).
+
+    `cached` uses the KV cache (one decoder step per token); False recomputes the
+    whole sequence each step (the reference the tests compare against).
+    """
     batch = ops.shape(image_tokens)[0]
-    out = autoregressive.greedy_decode(_caption_logits_fn(model, image_tokens), _start(model, batch),
-                                       model.text_length + 1, model.eos_id, model.pad_id)
+    if cached:
+        logits_fn, cache = _cached_caption_fn(model, image_tokens)
+    else:
+        logits_fn, cache = _caption_logits_fn(model, image_tokens), None
+    out = autoregressive.greedy_decode(logits_fn, _start(model, batch), model.text_length + 1, model.eos_id,
+                                       model.pad_id, cache=cache)
     return out[:, 1:]
 
 
-def beam_captions(model, image_tokens, beam_size: int = 4, length_penalty: float = 0.6):
+def beam_captions(model, image_tokens, beam_size: int = 4, length_penalty: float = 0.6, cached: bool = True):
     """Beam search (GIT / ITIT: beam 4): int32 [B, K] -> int32 [B, L]."""
     batch = ops.shape(image_tokens)[0]
-    out, _ = autoregressive.beam_search(_caption_logits_fn(model, image_tokens), _start(model, batch),
-                                        model.text_length + 1, model.eos_id, model.pad_id,
-                                        beam_size=beam_size, length_penalty=length_penalty)
+    if cached:
+        logits_fn, cache = _cached_caption_fn(model, image_tokens)
+    else:
+        logits_fn, cache = _caption_logits_fn(model, image_tokens), None
+    out, _ = autoregressive.beam_search(logits_fn, _start(model, batch), model.text_length + 1, model.eos_id,
+                                        model.pad_id, beam_size=beam_size, length_penalty=length_penalty,
+                                        cache=cache, cache_batch_axis=1)
     return out[:, 1:]
