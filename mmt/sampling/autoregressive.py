@@ -237,6 +237,8 @@ def _argmax(logits, index):
 def _init_buffer(start_tokens, max_length, pad_id):
     """int32 `[B, max_length]`: the start tokens, then pad."""
     batch, start = start_tokens.shape
+    if batch is None or start is None:
+        raise ValueError("start_tokens needs a static shape [B, S] (e.g. drop_remainder=True).")
     if not 1 <= start < max_length:
         raise ValueError(f"need 1 <= start length ({start}) < max_length ({max_length}).")
     padding = ops.full((batch, max_length - start), pad_id, "int32")

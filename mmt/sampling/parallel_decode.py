@@ -93,6 +93,8 @@ def decode(
 
     tokens = ops.cast(tokens, "int32")
     batch, length = tokens.shape
+    if batch is None or length is None:
+        raise ValueError("tokens needs a static shape [B, N] (e.g. drop_remainder=True).")
     total = ops.sum(ops.cast(tokens == mask_id, "int32"), axis=-1)  # [B]
     counts = masked_counts(num_steps, total, schedule)  # [S, B] still masked after step s
     step_seeds = seeds_lib.step_seeds(seed, num_steps)  # [S, 2]
