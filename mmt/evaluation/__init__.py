@@ -1,0 +1,1 @@
+"""Evaluation: attribute accuracy on shapes (no network needed), CIDEr, FID, linear probes."""
