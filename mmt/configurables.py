@@ -31,3 +31,8 @@ gin.external_configurable(Rsqrt, "Rsqrt")
 
 #: `Trainer` with its gin bindings applied (what `python -m mmt.train` constructs).
 Trainer = gin.external_configurable(_Trainer, "Trainer")
+
+# Models.
+from mmt.models.itit_task import ITITTask  # noqa: E402
+
+gin.external_configurable(ITITTask, "ITITTask")
