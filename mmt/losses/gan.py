@@ -42,19 +42,23 @@ class PatchDiscriminator(keras.layers.Layer):
         self.num_layers = int(num_layers)
         self.num_groups = int(num_groups)
         policy = self.dtype_policy
+        # Named attributes, not lists: `tf.train.Checkpoint` does not see into Keras 3's
+        # tracked lists (see `mmt.tokenizers.vqgan._Chain`).
         conv = lambda f, s, name: keras.layers.Conv2D(f, 4, strides=s, padding="same", name=name, dtype=policy)
-        self.convs = [conv(self.filters, 2, "conv_0")]
-        self.norms = [None]
-        width = self.filters
+        self.conv_0 = conv(self.filters, 2, "conv_0")
         for i in range(1, self.num_layers + 1):
             width = self.filters * min(2**i, 8)
-            self.convs.append(conv(width, 2 if i < self.num_layers else 1, f"conv_{i}"))
-            self.norms.append(group_norm(width, self.num_groups, f"norm_{i}", policy))
+            setattr(self, f"conv_{i}", conv(width, 2 if i < self.num_layers else 1, f"conv_{i}"))
+            setattr(self, f"norm_{i}", group_norm(width, self.num_groups, f"norm_{i}", policy))
         self.logits = conv(1, 1, "logits")
+
+    def _layers_in_order(self):
+        """[(conv, norm or None)] from the input on."""
+        return [(getattr(self, f"conv_{i}"), getattr(self, f"norm_{i}", None)) for i in range(self.num_layers + 1)]
 
     def build(self, input_shape):
         shape = tuple(input_shape)
-        for conv, norm in zip(self.convs, self.norms):
+        for conv, norm in self._layers_in_order():
             conv.build(shape)
             shape = conv.compute_output_shape(shape)
             if norm is not None:
@@ -64,7 +68,7 @@ class PatchDiscriminator(keras.layers.Layer):
 
     def call(self, images):
         x = images
-        for conv, norm in zip(self.convs, self.norms):
+        for conv, norm in self._layers_in_order():
             x = conv(x)
             if norm is not None:
                 x = norm(x)

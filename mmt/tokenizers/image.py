@@ -183,13 +183,19 @@ class ImageTokenizer(keras.Model):
         self.decode_codes(ops.cast(codes, "int32"))
 
     def fingerprint(self) -> str:
-        """sha256 of the config and every weight (name, shape, dtype, bytes), in order."""
+        """sha256 of the config and every weight (index, name, shape, dtype, bytes), in order.
+
+        Weights are named by their position and leaf name, not `variable.path`: a path
+        holds the name scopes active when the variable was created (`vqgan_1/...` for a
+        second instance in one process, or a parent layer's name), which would give one
+        set of weights several fingerprints.
+        """
         digest = hashlib.sha256()
         digest.update(type(self).__name__.encode())
         digest.update(json.dumps(self.tokenizer_config(), sort_keys=True).encode())
-        for variable in self.weights:
+        for index, variable in enumerate(self.weights):
             value = np.ascontiguousarray(ops.convert_to_numpy(variable))
-            digest.update(f"{variable.path}|{value.shape}|{value.dtype}".encode())
+            digest.update(f"{index}|{variable.name}|{value.shape}|{value.dtype}".encode())
             digest.update(value.tobytes())
         return "sha256:" + digest.hexdigest()
 

@@ -1,0 +1,211 @@
+"""The tokenize pipeline's settings: one frozen dataclass, and the flags that fill it.
+
+Flags that are not ours (`--runner`, `--project`, `--direct_running_mode`, ...) are
+left for Beam's `PipelineOptions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from typing import Any, Sequence
+
+from beam_pipelines import fetch
+from mmt.data import shapes_records
+
+# The split names `mmt.data.features.write_split` accepts.
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+#: source -> which modalities its records carry (shapes: decided by --split).
+SOURCES = {
+    "tsv": ("image", "text"),
+    "csv": ("image", "text"),
+    "jsonl": ("image", "text"),
+    "coco": ("image", "text"),
+    "webdataset": ("image", "text"),
+    "image_folder": ("image",),
+    "text": ("text",),
+    "shapes": None,
+}
+_DEFAULT_SPLIT = {("image", "text"): "paired", ("image",): "image_only", ("text",): "text_only"}
+STORE_IMAGE = ("none", "png", "jpeg")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    """Everything that decides what the pipeline writes (all of it goes into the manifest).
+
+    See `python -m beam_pipelines.tokenize --help` for each field's meaning.
+    """
+
+    source: str
+    output_dir: str
+    input: str = ""
+    image_tokenizer: str = ""
+    text_vocab: str = ""
+    split: str = ""
+    image_size: int = 0
+    # columns
+    caption_column: str = "caption"
+    image_column: str = "url"
+    key_column: str = ""
+    columns: tuple[str, ...] = ()
+    image_dir: str = ""
+    # filters
+    min_image_side: int = 32
+    max_aspect_ratio: float = 3.0
+    max_caption_chars: int = 1000
+    dedupe: bool = True
+    max_image_pixels: int = 89_478_485
+    max_image_bytes: int = 20 * 1024 * 1024
+    # output
+    num_shards: int = 16
+    dead_letter_shards: int = 4
+    batch_size: int = 32
+    store_image: str = "none"
+    # fetching
+    fetch_connect_timeout: float = 5.0
+    fetch_read_timeout: float = 10.0
+    fetch_timeout: float = 30.0
+    fetch_retries: int = 2
+    fetch_backoff: float = 0.5
+    allow_private_urls: bool = False
+    allowed_url_networks: tuple[str, ...] = ()
+    # shapes
+    num_examples: int = 1000
+    shapes_resolution: int = 64
+    shapes_seed: int = 0
+    # running
+    overwrite: bool = False
+    import_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"--source must be one of {sorted(SOURCES)}, got {self.source!r}")
+        if self.source != "shapes" and not self.input:
+            raise ValueError(f"--source={self.source} needs --input")
+        if self.source == "coco" and not self.image_dir:
+            raise ValueError("--source=coco needs --image_dir (the folder of the COCO images)")
+        if self.source == "shapes" and self.split_name not in shapes_records.SPLIT_FIELDS:
+            raise ValueError(f"--source=shapes: --split must be one of {list(shapes_records.SPLIT_FIELDS)}")
+        if not _SPLIT_NAME.match(self.split_name):
+            raise ValueError(f"--split {self.split_name!r} must match {_SPLIT_NAME.pattern}")
+        if "image" in self.modalities and not self.image_tokenizer:
+            raise ValueError(f"split {self.split_name!r} carries images: --image_tokenizer is required")
+        if "text" in self.modalities and not self.text_vocab:
+            raise ValueError(f"split {self.split_name!r} carries text: --text_vocab is required")
+        if self.store_image not in STORE_IMAGE:
+            raise ValueError(f"--store_image must be one of {STORE_IMAGE}, got {self.store_image!r}")
+        for name in ("num_shards", "dead_letter_shards", "batch_size", "max_image_pixels", "max_image_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 1 <= self.num_shards <= 99_999:
+            raise ValueError(f"--num_shards must be in [1, 99999], got {self.num_shards}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"--max_aspect_ratio must be at least 1, got {self.max_aspect_ratio}")
+        self.fetch_config()  # validates the networks
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """("image", "text"), ("image",) or ("text",): what every record carries."""
+        fields = SOURCES[self.source]
+        if fields is None:
+            return shapes_records.SPLIT_FIELDS[self.split or "paired"]
+        return fields
+
+    @property
+    def split_name(self) -> str:
+        if self.split:
+            return self.split
+        if self.source == "shapes":
+            return "paired"
+        return _DEFAULT_SPLIT[SOURCES[self.source]]
+
+    def fetch_config(self) -> fetch.FetchConfig:
+        return fetch.FetchConfig(
+            connect_timeout=self.fetch_connect_timeout,
+            read_timeout=self.fetch_read_timeout,
+            total_timeout=self.fetch_timeout,
+            retries=self.fetch_retries,
+            backoff=self.fetch_backoff,
+            max_bytes=self.max_image_bytes,
+            allow_private=self.allow_private_urls,
+            allowed_networks=self.allowed_url_networks,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["split"] = self.split_name
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TokenizeConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="python -m beam_pipelines.tokenize",
+        description="Pre-tokenize an image-caption corpus into mmt TFRecords (DESIGN.md §4). "
+        "Flags not listed here are Beam pipeline options (--runner, --project, ...).",
+    )
+    p.add_argument("--source", required=True, choices=sorted(SOURCES))
+    p.add_argument("--input", default="", help="comma-separated file globs (local or gs://)")
+    p.add_argument("--output_dir", required=True, help="the data directory to write (one split per run)")
+    p.add_argument("--image_tokenizer", default="", help="a saved mmt image tokenizer directory")
+    p.add_argument("--text_vocab", default="", help="a SentencePiece .model file")
+    p.add_argument("--split", default="", help="split name (default: paired / image_only / text_only)")
+    p.add_argument("--image_size", type=int, default=0, help="crop side; must equal the tokenizer's (default)")
+    g = p.add_argument_group("columns (tsv, csv, jsonl, text, webdataset .json)")
+    g.add_argument("--caption_column", default=d["caption_column"].default)
+    g.add_argument("--image_column", default=d["image_column"].default, help="URL or path column")
+    g.add_argument("--key_column", default="", help="column holding a stable id (default: file:line)")
+    g.add_argument("--columns", type=_csv, default=(), help="names of a header-less file's columns")
+    g.add_argument("--image_dir", default="", help="base of relative image paths (required for coco); "
+                   "paths outside it are refused")
+    g = p.add_argument_group("filters")
+    g.add_argument("--min_image_side", type=int, default=d["min_image_side"].default)
+    g.add_argument("--max_aspect_ratio", type=float, default=d["max_aspect_ratio"].default)
+    g.add_argument("--max_caption_chars", type=int, default=d["max_caption_chars"].default)
+    g.add_argument("--no_dedupe", dest="dedupe", action="store_false", help="keep exact-duplicate images")
+    g.add_argument("--max_image_pixels", type=int, default=d["max_image_pixels"].default,
+                   help="decompression-bomb limit")
+    g.add_argument("--max_image_bytes", type=int, default=d["max_image_bytes"].default)
+    g = p.add_argument_group("output")
+    g.add_argument("--num_shards", type=int, default=d["num_shards"].default)
+    g.add_argument("--dead_letter_shards", type=int, default=d["dead_letter_shards"].default)
+    g.add_argument("--batch_size", type=int, default=d["batch_size"].default, help="images per tokenizer call")
+    g.add_argument("--store_image", choices=STORE_IMAGE, default="none",
+                   help="also store the resized image as image/encoded")
+    g.add_argument("--overwrite", action="store_true", help="replace a COMPLETED output directory")
+    g.add_argument("--import_modules", type=_csv, default=(),
+                   help="modules to import on every worker, e.g. ones registering tokenizer classes")
+    g = p.add_argument_group("fetching URLs")
+    g.add_argument("--fetch_connect_timeout", type=float, default=d["fetch_connect_timeout"].default)
+    g.add_argument("--fetch_read_timeout", type=float, default=d["fetch_read_timeout"].default)
+    g.add_argument("--fetch_timeout", type=float, default=d["fetch_timeout"].default,
+                   help="seconds per attempt, all redirects included")
+    g.add_argument("--fetch_retries", type=int, default=d["fetch_retries"].default)
+    g.add_argument("--fetch_backoff", type=float, default=d["fetch_backoff"].default)
+    g.add_argument("--allow_private_urls", action="store_true",
+                   help="allow loopback / private / link-local addresses (trusted local corpora only)")
+    g.add_argument("--allowed_url_networks", type=fetch.parse_networks, default=(),
+                   help="comma-separated CIDR networks admitted although not public")
+    g = p.add_argument_group("shapes")
+    g.add_argument("--num_examples", type=int, default=d["num_examples"].default)
+    g.add_argument("--shapes_resolution", type=int, default=d["shapes_resolution"].default)
+    g.add_argument("--shapes_seed", type=int, default=d["shapes_seed"].default)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[TokenizeConfig, list[str]]:
+    """(config, the remaining arguments for Beam's PipelineOptions)."""
+    parser = build_parser()
+    known, rest = parser.parse_known_args(argv)
+    try:
+        return TokenizeConfig(**vars(known)), rest
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # parser.error exits; this keeps type checkers informed

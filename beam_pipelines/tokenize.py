@@ -1,0 +1,124 @@
+"""Pre-tokenize an image-caption corpus into mmt TFRecords, with Apache Beam.
+
+    python -m beam_pipelines.tokenize --source=tsv --input='/data/cc3m/*.tsv' \\
+        --columns=caption,url --output_dir=/data/cc3m_tok \\
+        --image_tokenizer=/models/vqgan --text_vocab=/models/spiece.model
+
+Runs on the DirectRunner by default and on Dataflow with Beam's usual options (see
+README, "Preprocessing with Apache Beam"). The graph:
+
+    Read corpus -> Filter captions -> Load images -> Decode images -> Filter images
+      -> Resize and crop -> Tokenize images -> Deduplicate images -> Tokenize text
+      -> Encode records -> Write shards
+    every stage's drops -> Write dead letters; counts -> Finalize (stats, manifest, COMPLETED)
+
+The output directory holds one split: `{split}-NNNNN-of-NNNNN.tfrecord` in the schema
+of `mmt.data.features`, `manifest.json`, `stats.json`, `dead_letter/*.jsonl` and, once
+everything else is written and the counts add up, `COMPLETED`. Check it with
+`python -m beam_pipelines.verify DIR`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_pipelines import resources, sources, transforms, writers
+from beam_pipelines.config import TokenizeConfig, parse_args
+from beam_pipelines.resources import TokenizerInfo
+from beam_pipelines.transforms import Stage
+
+_log = logging.getLogger(__name__)
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: TokenizeConfig, info: TokenizerInfo) -> None:
+    """Adds the whole tokenize graph to `pipeline` (nothing runs until it does)."""
+    c = config
+    read = pipeline | "Read corpus" >> sources.ReadCorpus(c)
+    drops = [read["dropped"]]
+    stream = read["items"]
+    read_count = stream | "Count inputs" >> beam.combiners.Count.Globally()
+
+    def stage(label: str, transform):
+        nonlocal stream
+        out = stream | label >> transform
+        drops.append(out["dropped"])
+        stream = out["items"]
+
+    if "text" in c.modalities:
+        stage("Filter captions", Stage(transforms.FilterCaptionsFn(c.max_caption_chars)))
+    if "image" in c.modalities:
+        stage("Load images", Stage(transforms.LoadImagesFn(c)))
+        stage("Decode images", Stage(transforms.DecodeImagesFn(c, info.image_size)))
+        stage("Filter images", Stage(transforms.FilterImagesFn(c)))
+        stream = stream | "Resize and crop" >> beam.Map(transforms.resize_item, image_size=info.image_size)
+        stream = stream | "Tokenize images" >> transforms.TokenizeImages(c, info)
+        if c.dedupe:
+            # After the tokenizer, so the shuffle that finds duplicates moves a few
+            # hundred token ids per image instead of its pixels.
+            stage("Deduplicate images", transforms.DedupeImages())
+    if "text" in c.modalities:
+        stage("Tokenize text", transforms.TokenizeText(c.text_vocab))
+    stage("Encode records", Stage(transforms.EncodeRecordsFn(c.store_image)))
+    written = stream | "Write shards" >> writers.WriteShards(c.output_dir, c.split_name, c.num_shards)
+    drops.append(written["dropped"])
+
+    all_drops = drops | "All drops" >> beam.Flatten()
+    dead_files = all_drops | "Write dead letters" >> writers.WriteDeadLetters(c.output_dir, c.dead_letter_shards)
+    drop_counts = all_drops | "Count drops" >> writers.CountDrops()
+    pipeline | "Finalize" >> writers.Finalize(c, info, read_count, written["shards"], dead_files, drop_counts)
+
+
+def _absolute(path: str) -> str:
+    return path if not path or "://" in path else os.path.abspath(path)
+
+
+def normalise_paths(config: TokenizeConfig) -> TokenizeConfig:
+    """Local paths made absolute, so that workers in other directories find them."""
+    globs = ",".join(_absolute(g.strip()) for g in config.input.split(",") if g.strip())
+    return dataclasses.replace(
+        config, input=globs, output_dir=_absolute(config.output_dir).rstrip("/"),
+        image_tokenizer=_absolute(config.image_tokenizer), text_vocab=_absolute(config.text_vocab),
+        image_dir=_absolute(config.image_dir))
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Runs the pipeline; returns the stats. Raises on failure (nothing marked COMPLETED)."""
+    config, beam_args = parse_args(argv)
+    config = normalise_paths(config)
+    resources.import_modules(config.import_modules)
+    info = resources.tokenizer_info(config)
+    removed = resources.prepare_output_dir(config.output_dir, config.overwrite)
+    if removed:
+        _log.warning("removed %d files of a previous run from %s", len(removed), config.output_dir)
+    options = PipelineOptions(beam_args)
+    with beam.Pipeline(options=options) as pipeline:
+        build_pipeline(pipeline, config, info)
+    with FileSystems.open(FileSystems.join(config.output_dir, resources.STATS)) as handle:
+        return json.loads(handle.read())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        stats = run(argv)
+    except resources.OutputExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: stats[k] for k in ("split", "inputs", "written", "filtered", "dead_lettered")}))
+    for outcome in ("filtered_by_reason", "dead_lettered_by_reason"):
+        for reason, n in stats[outcome].items():
+            print(f"  {outcome.split('_by_')[0]:>13} {n:8d}  {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
