@@ -15,6 +15,10 @@ import keras
 
 from mmt.data import pipeline, shapes
 from mmt.optimizers import Adafactor, Constant, Rsqrt, WarmupCosine
+from mmt.tokenizers.dvae import DVAE
+from mmt.tokenizers.dvae_task import DVAETask
+from mmt.tokenizers.vqgan import VQGAN
+from mmt.tokenizers.vqgan_task import VQGANTask
 from mmt.training.trainer import Trainer as _Trainer
 
 gin.external_configurable(shapes.ShapesConfig, "ShapesConfig")
@@ -28,6 +32,14 @@ gin.external_configurable(keras.optimizers.SGD, "SGD")
 gin.external_configurable(WarmupCosine, "WarmupCosine")
 gin.external_configurable(Constant, "Constant")
 gin.external_configurable(Rsqrt, "Rsqrt")
+
+# DALL-E's dVAE image tokenizer and its training task.
+gin.external_configurable(DVAE, "DVAE")
+gin.external_configurable(DVAETask, "DVAETask")
+
+# The VQGAN image tokenizer (MaskGIT / ITIT) and its training task.
+gin.external_configurable(VQGAN, "VQGAN")
+gin.external_configurable(VQGANTask, "VQGANTask")
 
 #: `Trainer` with its gin bindings applied (what `python -m mmt.train` constructs).
 Trainer = gin.external_configurable(_Trainer, "Trainer")
