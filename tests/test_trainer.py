@@ -11,7 +11,7 @@ import tensorflow as tf
 from mmt import distribute
 from mmt.data.pipeline import StreamSpec
 from mmt.optimizers import Adafactor, Constant
-from mmt.training.checkpoint import CheckpointManager
+from mmt.training.checkpoint import CheckpointManager, model_variables
 from mmt.training.trainer import Trainer, TrainingError
 from tiny_task import TinyTask
 
@@ -97,7 +97,7 @@ def test_consecutive_non_finite_steps_stop_the_run_with_checkpoint_intact(tiny_d
     fresh = _trainer(tiny_data["data_dir"], 20)
     fresh.build()
     manager = CheckpointManager(str(tmp_path / "checkpoints"),
-                                tf.train.Checkpoint(model=fresh.task.model))
+                                tf.train.Checkpoint(model=model_variables(fresh.task.model)))
     assert manager.latest_step() == 4  # the stop came at step 5, before its checkpoint
     assert all(np.isfinite(w).all() for w in _weights(fresh))
 

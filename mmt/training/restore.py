@@ -7,18 +7,21 @@ import os
 import tensorflow as tf
 
 from mmt import config as mmt_config
-from mmt.training.checkpoint import CheckpointManager
+from mmt.training.checkpoint import CheckpointManager, model_variables
 
 
-def load_task(workdir: str, gin_params=()):
+def load_task(workdir: str, gin_params=(), restore: bool = True):
     """The workdir's task with the newest valid checkpoint's weights.
 
     Args:
       workdir: a `python -m mmt.train` workdir (`operative_config.gin`, `checkpoints/`).
       gin_params: bindings applied on top of the recorded config (e.g. generation options).
+      restore: False keeps the freshly initialised weights (the run's seed): the
+        untrained baseline of an evaluation.
 
     Returns:
-      (task, step): the built task (`task.model` restored) and the checkpoint's step.
+      (task, step): the built task (`task.model` restored) and the checkpoint's step
+      (0 without `restore`).
     """
     config = os.path.join(workdir, "operative_config.gin")
     if not tf.io.gfile.exists(config):
@@ -28,7 +31,10 @@ def load_task(workdir: str, gin_params=()):
 
     trainer = configurables.Trainer()
     trainer.build()
-    manager = CheckpointManager(os.path.join(workdir, "checkpoints"), tf.train.Checkpoint(model=trainer.task.model))
+    if not restore:
+        return trainer.task, 0
+    checkpoint = tf.train.Checkpoint(model=model_variables(trainer.task.model))
+    manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint)
     step = manager.restore_latest()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")

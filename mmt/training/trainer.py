@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from mmt.data import features, pipeline
 from mmt.tokenizers.text import EOS_ID, PAD_ID
-from mmt.training.checkpoint import CheckpointManager
+from mmt.training.checkpoint import CheckpointManager, model_variables
 from mmt.training.summaries import MetricsWriter
 from mmt.training.task import OptimizerGroup, Ratio, StepSeed, Task, parameter_breakdown
 
@@ -319,7 +319,7 @@ class Trainer:
             expected_text_vocab=getattr(self.task, "text_vocab_fingerprint", None),
         )
         checkpoint = tf.train.Checkpoint(
-            model=self.task.model,
+            model=model_variables(self.task.model),
             step=self.step,
             skipped_total=self.skipped_total,
             skipped_in_row=self.skipped_in_row,
