@@ -48,3 +48,8 @@ Trainer = gin.external_configurable(_Trainer, "Trainer")
 from mmt.models.itit_task import ITITTask  # noqa: E402
 
 gin.external_configurable(ITITTask, "ITITTask")
+
+# UPGen (issue 8).
+from mmt.models.upgen_task import UPGenTask  # noqa: E402
+
+gin.external_configurable(UPGenTask, "UPGenTask")

@@ -2,16 +2,20 @@
 
     python -m mmt.generate --workdir=/tmp/itit_tiny --prompt="a large red circle in the top left"
     python -m mmt.generate --workdir=/tmp/itit_tiny --image=photo.png --image=other.png
+    python -m mmt.generate --workdir=/tmp/upgen_tiny --unconditional=8
 
 Images go to `--output` (default `{workdir}/generated/`) as PNGs named after their
-prompt, with `prompts.json`; captions are printed and written to `captions.json`.
-Sampling options (`--num_steps`, `--guidance_scale`, `--choice_temperature`,
-`--beam_size`) default to the task's gin-bound `generation` settings.
+prompt, with `prompts.json`; captions are printed and written to `captions.json`;
+unconditional samples (tasks with an `unconditional_images` hook, e.g. UPGen) are
+`unconditional_NNN.png`. Sampling options (`--num_steps`, `--guidance_scale`,
+`--choice_temperature`, `--beam_size`) default to the task's gin-bound `generation`
+settings; they apply to images (the task's own text settings caption).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import sys
@@ -30,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--prompt", action="append", default=[], help="text -> image (repeatable)")
     parser.add_argument("--image", action="append", default=[], help="image file -> caption (repeatable)")
+    parser.add_argument("--unconditional", type=int, default=0, help="this many images from nothing")
     parser.add_argument("--output", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_steps", type=int)
@@ -37,24 +42,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--choice_temperature", type=float)
     parser.add_argument("--beam_size", type=int)
     args = parser.parse_args(argv)
-    if not (args.prompt or args.image):
-        parser.error("give at least one --prompt or --image")
+    if not (args.prompt or args.image or args.unconditional):
+        parser.error("give at least one --prompt, --image or --unconditional")
 
     from PIL import Image
 
     from mmt.training.restore import load_task
 
     task, step = load_task(args.workdir)
-    for hook in (["text_to_image"] if args.prompt else []) + (["image_to_text"] if args.image else []):
+    hooks = ((["text_to_image"] if args.prompt else []) + (["image_to_text"] if args.image else [])
+             + (["unconditional_images"] if args.unconditional else []))
+    for hook in hooks:
         if not hasattr(task, hook):
             print(f"error: {type(task).__name__} cannot {hook.replace('_', ' ')}", file=sys.stderr)
             return 2
     output = Path(args.output or Path(args.workdir) / "generated")
     output.mkdir(parents=True, exist_ok=True)
     print(f"{type(task).__name__} at step {step}; writing to {output}")
+    options = {k: getattr(args, k) for k in ("num_steps", "guidance_scale", "choice_temperature")
+               if getattr(args, k) is not None}
     if args.prompt:
-        options = {k: getattr(args, k) for k in ("num_steps", "guidance_scale", "choice_temperature")
-                   if getattr(args, k) is not None}
         images, _ = task.text_to_image(args.prompt, seed=args.seed, **options)
         names = {}
         for i, (prompt, image) in enumerate(zip(args.prompt, images)):
@@ -69,10 +76,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in args.image:
             with Image.open(path) as im:
                 pixels.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.uint8))
-        captions = task.image_to_text(np.stack(pixels), beam_size=args.beam_size)
+        extra = {"seed": args.seed} if "seed" in inspect.signature(task.image_to_text).parameters else {}
+        captions = task.image_to_text(np.stack(pixels), beam_size=args.beam_size, **extra)
         for path, caption in zip(args.image, captions):
             print(f"{path}: {caption}")
         (output / "captions.json").write_text(json.dumps(dict(zip(args.image, captions)), indent=2) + "\n")
+    if args.unconditional:
+        options.pop("guidance_scale", None)  # nothing to guide by
+        images, _ = task.unconditional_images(args.unconditional, seed=args.seed, **options)
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(output / f"unconditional_{i:03d}.png")
+        print(f"{len(images)} unconditional images: unconditional_000.png ...")
     return 0
 
 

@@ -46,12 +46,44 @@ ITIT_SIZES = {
 }
 
 
-def itit_size(name: str, **overrides) -> ITITSize:
-    """The named ITIT size with `overrides` applied (unknown names fail with the choices)."""
-    if name not in ITIT_SIZES:
-        raise ValueError(f"unknown ITIT size {name!r}; choose one of {sorted(ITIT_SIZES)}")
-    fields = {f.name for f in dataclasses.fields(ITITSize)}
+def _variant(family: str, table: dict, name: str, overrides: dict):
+    """`table[name]` with `overrides` applied (unknown names and fields fail with the choices)."""
+    if name not in table:
+        raise ValueError(f"unknown {family} size {name!r}; choose one of {sorted(table)}")
+    fields = {f.name for f in dataclasses.fields(next(iter(table.values())))}
     unknown = set(overrides) - fields
     if unknown:
-        raise ValueError(f"unknown ITIT size fields {sorted(unknown)}; fields are {sorted(fields)}")
-    return dataclasses.replace(ITIT_SIZES[name], **overrides)
+        raise ValueError(f"unknown {family} size fields {sorted(unknown)}; fields are {sorted(fields)}")
+    return dataclasses.replace(table[name], **overrides)
+
+
+def itit_size(name: str, **overrides) -> ITITSize:
+    """The named ITIT size with `overrides` applied (unknown names fail with the choices)."""
+    return _variant("ITIT", ITIT_SIZES, name, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class UPGenSize:
+    """UPGen's one encoder-only transformer (UPGen §4.1, App. A: ViT-L by default).
+
+    B and L are ViT-B/L (Dosovitskiy et al., 2021, Table 1): 12 x 768 / 24 x 1024,
+    heads of 64, MLP 4x. With MaskGIT's 1,024 VQ codes, a 32,128-piece text vocabulary
+    and an untied output layer, L has 370M parameters, B 136M (`--dry_run`).
+    """
+
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: int = 4
+
+
+UPGEN_SIZES = {
+    "tiny": UPGenSize(width=128, depth=4, heads=4),
+    "B": UPGenSize(width=768, depth=12, heads=12),
+    "L": UPGenSize(width=1024, depth=24, heads=16),
+}
+
+
+def upgen_size(name: str, **overrides) -> UPGenSize:
+    """The named UPGen size with `overrides` applied (unknown names fail with the choices)."""
+    return _variant("UPGen", UPGEN_SIZES, name, overrides)

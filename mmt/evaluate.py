@@ -1,0 +1,70 @@
+"""Evaluates a trained workdir.
+
+    python -m mmt.evaluate linear_probe --workdir=/tmp/upgen_tiny [--train_examples=1000] [--test_examples=500]
+    python -m mmt.evaluate linear_probe --workdir=/tmp/upgen_tiny --all_layers --untrained
+
+`linear_probe`: frozen image features of the task (`task.image_features`, e.g. UPGen's
+mean-pooled image-token outputs without text) -> one linear classifier per shapes
+attribute of the main object (shape, colour, cell) and the object count
+(`mmt.evaluation.linear_probe`). `--all_layers` concatenates every block's pooled
+output (UPGen §4.2); `--untrained` probes the freshly initialised network of the same
+config, the baseline the trained features should beat. Prints a table and writes the
+results as JSON to `--output` (default `{workdir}/eval/linear_probe[_all_layers][_untrained].json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def linear_probe(args) -> int:
+    from mmt.evaluation import linear_probe as probe_lib
+    from mmt.training.restore import load_task
+
+    task, step = load_task(args.workdir, restore=not args.untrained)
+    if not hasattr(task, "image_features"):
+        print(f"error: {type(task).__name__} has no image_features (frozen features for a probe)", file=sys.stderr)
+        return 2
+    resolution = task.tokenizers()[0].image_size
+    print(f"{type(task).__name__} at step {step}{' (untrained)' if args.untrained else ''}: probing "
+          f"{args.train_examples} / {args.test_examples} shapes images at {resolution}x{resolution}", flush=True)
+    results = probe_lib.linear_probe(lambda images: task.image_features(images, all_layers=args.all_layers),
+                                     resolution, train_examples=args.train_examples,
+                                     test_examples=args.test_examples, seed=args.seed)
+    print(f"{'attribute':<10} {'accuracy':>9} {'chance':>7}")
+    for name in (*probe_lib.ATTRIBUTES, "mean"):
+        print(f"{name:<10} {results[name]['accuracy']:>9.3f} {results[name]['chance']:>7.3f}")
+    suffix = ("_all_layers" if args.all_layers else "") + ("_untrained" if args.untrained else "")
+    output = Path(args.output or Path(args.workdir) / "eval" / f"linear_probe{suffix}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = {"command": "python -m mmt.evaluate " + " ".join(shlex.quote(a) for a in args.argv), "step": step,
+              "untrained": args.untrained, "all_layers": args.all_layers, "results": results}
+    output.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m mmt.evaluate", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    probe = commands.add_parser("linear_probe", help="linear probes on frozen image features (shapes attributes)")
+    probe.add_argument("--workdir", required=True)
+    probe.add_argument("--train_examples", type=int, default=1000)
+    probe.add_argument("--test_examples", type=int, default=500)
+    probe.add_argument("--all_layers", action="store_true", help="concatenate every block's pooled output")
+    probe.add_argument("--untrained", action="store_true", help="the initial weights instead of the checkpoint")
+    probe.add_argument("--seed", type=int, default=0, help="seed of the shapes images")
+    probe.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return {"linear_probe": linear_probe}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
