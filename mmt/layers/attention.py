@@ -33,6 +33,8 @@ from typing import Sequence
 import keras
 from keras import ops
 
+from mmt.layers.dropout import Dropout
+
 # ----------------------------------------------------------------------------- masks
 
 
@@ -318,7 +320,7 @@ class MultiHeadAttention(_AttentionLayer):
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        self.dropout_layer = Dropout(dropout, dtype=self.dtype_policy)
         self.is_cross_attention = None
 
     def build(self, x_shape, context_shape=None):

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from mmt.layers.attention import MultiHeadAttention, _AttentionLayer
+from mmt.layers.dropout import Dropout
 
 
 def _gelu_or(activation, approximate: bool):
@@ -60,7 +61,7 @@ class Mlp(keras.layers.Layer):
         self._act = _gelu_or(activation, approximate_gelu)
         self.fc1 = keras.layers.Dense(hidden_dim, name="fc1", **self._dense_kwargs())
         self.fc2 = None
-        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        self.dropout_layer = Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         self.fc1.build(input_shape)
@@ -187,9 +188,9 @@ class TransformerBlock(_AttentionLayer):
             name="mlp",
             dtype=policy,
         )
-        self.dropout_layer = keras.layers.Dropout(dropout, dtype=policy)
+        self.dropout_layer = Dropout(dropout, dtype=policy)
         # One keep/drop decision per example: noise shape [B, 1, 1].
-        self.drop_path_layer = keras.layers.Dropout(
+        self.drop_path_layer = Dropout(
             drop_path, noise_shape=(None, 1, 1), dtype=policy
         )
 

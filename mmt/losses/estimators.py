@@ -13,8 +13,9 @@ exactly (`soft - soft` is exactly 0), its gradient that of `soft`.
 
 from __future__ import annotations
 
-import keras
 from keras import ops
+
+from mmt.sampling import seeds
 
 # Uniform draws are kept in [_TINY, 1) so that -log(-log(u)) stays finite.
 _TINY = 1e-20
@@ -32,7 +33,7 @@ def _one_hot_argmax(x):
 
 def gumbel_noise(shape, seed, dtype="float32"):
     """Standard Gumbel samples `-log(-log(u))`, `u ~ U[tiny, 1)`: float [*shape]."""
-    u = keras.random.uniform(shape, minval=_TINY, maxval=1.0, dtype="float32", seed=seed)
+    u = seeds.uniform(shape, seed, minval=_TINY, maxval=1.0)
     return ops.cast(-ops.log(-ops.log(u)), dtype)
 
 

@@ -35,6 +35,7 @@ from mmt.layers import (
 )
 from mmt.models.text_encoders import T5TextEncoder, TrainableTextEncoder
 from mmt.models.variants import ITITSize, itit_size
+from mmt.sampling import seeds
 
 
 @keras.saving.register_keras_serializable(package="mmt")
@@ -134,7 +135,7 @@ class ITIT(keras.Model):
           int32 [B, K]: a permutation of positions -- unmasked first, then masked in
           random order; the first `K - num_dropped` are kept.
         """
-        noise = keras.random.uniform(ops.shape(mask), seed=seed)
+        noise = seeds.uniform(ops.shape(mask), seed)
         key = noise + ops.where(mask, 0.0, -2.0)
         return ops.cast(ops.argsort(key, axis=-1), "int32")
 

@@ -243,7 +243,10 @@ class ITITTask(Task):
                 losses["i2t"] = Ratio(*i2t)
                 if i2i is not None:
                     losses["i2i"] = Ratio(*i2i)
-        started = ops.cast(ops.greater_equal(step, self.cycle_start_step), "float32")
+        if self.trace_phase is None:  # called outside the trainer: decide on the step tensor
+            started = ops.cast(ops.greater_equal(step, self.cycle_start_step), "float32")
+        else:  # the trainer compiles one step per phase (`phase_boundaries`)
+            started = float(self.trace_phase >= 1 or not self.cycle_start_step)
         text_only, image_only = batch.get("text_only"), batch.get("image_only")
         if text_only is not None and self.t2i2t != "off":
             ids = text_only["text_ids"]
@@ -260,9 +263,22 @@ class ITITTask(Task):
                 losses["i2t2i"] = self._after_warmup(started, lambda: self.i2t2i_loss(tokens, seed))
         return losses
 
+    def phase_boundaries(self):
+        """Two phases when a cycle is on: before and after the cycles' warm-up (Table 5)."""
+        cycles = self.t2i2t != "off" or self.i2t2i != "off"
+        return (self.cycle_start_step,) if cycles and self.cycle_start_step > 0 else ()
+
     @staticmethod
     def _after_warmup(started, fn):
-        """The cycle's (sum, count), computed only once the warm-up is over (Table 5)."""
+        """The cycle's (sum, count), computed only once the warm-up is over (Table 5).
+
+        `started` is a Python float inside the trainer (one compiled step per phase) or
+        a float tensor (a `cond`) when the losses are called directly.
+        """
+        if isinstance(started, float):
+            if started:
+                return Ratio(*fn())
+            return Ratio(ops.zeros(()), ops.ones(()))  # 0/1: no gradient, a finite summary
         numerator, denominator = ops.cond(started > 0, fn, lambda: (ops.zeros(()), ops.zeros(())))
         # Before the warm-up ends the loss is 0/1: no gradient, a finite summary.
         return Ratio(numerator, denominator + (1.0 - started))

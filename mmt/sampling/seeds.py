@@ -9,10 +9,12 @@ caller's seed and `i`, identical in eager, `tf.function` and XLA runs.
 
 from __future__ import annotations
 
+import keras
 from keras import ops
 from keras import random as krandom
 from keras.random import SeedGenerator
 from keras.src.backend import random_seed_dtype  # the backend's seed dtype (no public alias)
+from keras.src.random.seed_generator import draw_seed  # int / SeedGenerator -> seed tensor
 
 # Gumbel noise comes from 23-bit integers: TensorFlow's float `stateless_uniform` gives
 # different numbers eagerly and under XLA, its integer draws do not, so a sampler traced
@@ -38,6 +40,40 @@ class FixedSeed(SeedGenerator):
         return ops.stack([self._seed[0], self._seed[1] + self._draws])
 
 
+def _tensorflow():
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf
+
+
+def uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
+    """`keras.random.uniform`, except that under TensorFlow it stays compiled under XLA.
+
+    Keras's TensorFlow backend casts the seed to int32 and lets TensorFlow pick the
+    algorithm ("auto_select"); XLA then treats the seed as a compile-time constant and
+    recompiles the whole step for every new seed (measured: an ITIT train step under
+    `jit_compile=True` recompiled at every step, 25 s each on CPU). Calling TensorFlow
+    with the int64 seed and `alg="philox"` keeps it a runtime input. Other backends
+    use `keras.random` unchanged.
+    """
+    tf = _tensorflow()
+    if tf is None:
+        return krandom.uniform(shape, minval=minval, maxval=maxval, dtype=dtype, seed=seed)
+    return tf.random.stateless_uniform(shape, seed=draw_seed(seed), minval=tf.cast(minval, dtype),
+                                       maxval=tf.cast(maxval, dtype), dtype=dtype, alg="philox")
+
+
+def randint(shape, minval, maxval, seed, dtype="int32"):
+    """`keras.random.randint` (int `[minval, maxval)`), XLA-safe as `uniform`."""
+    tf = _tensorflow()
+    if tf is None:
+        return krandom.randint(shape, minval, maxval, seed=seed, dtype=dtype)
+    return tf.random.stateless_uniform(shape, seed=draw_seed(seed), minval=minval, maxval=maxval, dtype=dtype,
+                                       alg="philox")
+
+
 def step_seeds(seed, num_steps: int):
     """int32 `[num_steps, 2]` independent seeds drawn from `seed` (one draw).
 
@@ -46,7 +82,7 @@ def step_seeds(seed, num_steps: int):
         `mmt.training.task.StepSeed`).
       num_steps: static number of rows.
     """
-    return krandom.randint((num_steps, 2), 0, 2**31 - 1, seed=seed, dtype="int32")
+    return randint((num_steps, 2), 0, 2**31 - 1, seed)
 
 
 def seed_at(table, index) -> FixedSeed:
@@ -56,7 +92,7 @@ def seed_at(table, index) -> FixedSeed:
 
 def gumbel(shape, seed, dtype="float32"):
     """Standard Gumbel noise float `shape`: `-log(-log(u))`, `u` uniform on a 2^-23 grid."""
-    k = krandom.randint(shape, 0, 2**_UNIFORM_BITS, seed=seed, dtype="int32")
+    k = randint(shape, 0, 2**_UNIFORM_BITS, seed)
     u = (ops.cast(k, "float32") + 0.5) * (2.0**-_UNIFORM_BITS)
     return ops.cast(-ops.log(-ops.log(u)), dtype)
 

@@ -86,6 +86,21 @@ class Task:
         """
         raise TypeError(f"{type(self).__name__} must implement compute_losses()")
 
+    #: Set by the trainer while it traces a step: the index of the phase (see
+    #: `phase_boundaries`) the step belongs to, a Python int; None outside the trainer.
+    trace_phase: int | None = None
+
+    def phase_boundaries(self) -> Sequence[int]:
+        """Steps at which the loss graph changes (e.g. ITIT's cycle warm-up end), sorted.
+
+        The trainer compiles one step function per phase and calls the one for the
+        current step, so `compute_losses` can branch in Python on `self.trace_phase`
+        instead of a `cond` on the step tensor: before the boundary nothing of the later
+        phase is computed, and XLA never sees a step-dependent conditional (which made it
+        recompile the ITIT step at every step). Default: one phase.
+        """
+        return ()
+
     def optimizer_groups(self) -> Sequence[OptimizerGroup]:
         """The optimizer groups; by default one group, `model`, over everything."""
         return (OptimizerGroup("model"),)

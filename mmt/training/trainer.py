@@ -23,7 +23,9 @@ A `Task` (see `task.py`) gives one replica's named losses; the `Trainer` owns th
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -180,10 +182,8 @@ class Trainer:
             from mmt.distribute import use_jit_compile
 
             self.jit_compile = use_jit_compile(self.strategy)
-        step_fn = self._train_step
-        if self.mode != "eager":
-            step_fn = tf.function(step_fn, jit_compile=self.jit_compile, reduce_retracing=True)
-        self.train_step = step_fn
+        self._boundaries = tuple(sorted(int(b) for b in self.task.phase_boundaries()))
+        self._step_fns = {}
 
     def parameter_report(self) -> str:
         """The parameter breakdown by top-level component."""
@@ -251,7 +251,18 @@ class Trainer:
         for group in self.groups:
             self.optimizers[group.name].apply(grads[group.name], self.group_variables[group.name])
 
-    def _train_step(self, batch):
+    def train_step(self, batch):
+        """One step on `batch`: (metrics, applied). Compiled per phase of the task."""
+        phase = bisect.bisect_right(self._boundaries, int(self.step.numpy())) if self._boundaries else 0
+        if phase not in self._step_fns:
+            fn = functools.partial(self._train_step, phase=phase)
+            if self.mode != "eager":
+                fn = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=True)
+            self._step_fns[phase] = fn
+        return self._step_fns[phase](batch)
+
+    def _train_step(self, batch, phase: int = 0):
+        self.task.trace_phase = phase
         grads, metrics, finite = self.strategy.run(self._replica_gradients, args=(batch, self.step.read_value()))
         finite = self.strategy.experimental_local_results(finite)[0]
         metrics = {k: self.strategy.experimental_local_results(v)[0] for k, v in metrics.items()}
