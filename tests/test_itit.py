@@ -268,3 +268,18 @@ def test_cached_captioning_equals_full_recomputation_and_beam_one_is_greedy():
     np.testing.assert_array_equal(beam1, cached)
     beam4 = np.asarray(itit_inference.beam_captions(task.model, tokens, beam_size=4))
     assert beam4.shape == (B, 6) and beam4.min() >= 0 and beam4.max() < 40
+
+
+def test_one_compiled_step_per_cycle_phase():
+    # The cycles start at a step: the trainer compiles one step before and one after
+    # instead of a `cond` on the step tensor (which made XLA recompile every step).
+    trainer = _trainer(14, mode="graph")
+    trainer.build()
+    assert tuple(trainer.task.phase_boundaries()) == (1,)
+    batch = tf.nest.map_structure(tf.constant, _batch())
+    first, _ = trainer.train_step(batch)  # step 0: warm-up, no cycle computed
+    second, _ = trainer.train_step(batch)  # step 1: cycles on
+    third, _ = trainer.train_step(batch)
+    assert sorted(trainer._step_fns) == [0, 1]
+    assert float(first["loss/t2i2t"]) == 0.0 and float(first["loss/i2t2i"]) == 0.0
+    assert float(second["loss/t2i2t"]) > 0.0 and float(third["loss/i2t2i"]) > 0.0
