@@ -8,7 +8,7 @@ from mmt import quickstart
 from mmt.data import shapes
 
 # What `python -m mmt.quickstart` registers before it parses its gin files.
-mmt_config.configurable_entry(quickstart.run, "quickstart")
+mmt_config.configurable_entry(quickstart.run_chain, "quickstart")
 
 
 def _probe(a, b=2, **kwargs):
@@ -43,7 +43,7 @@ def _clean_gin():
 def test_quickstart_config_parses_and_binds():
     mmt_config.parse(["quickstart.gin"], ["SHAPES_SEED = 7"])
     cfg = gin.get_configurable("ShapesConfig")()
-    assert cfg == shapes.ShapesConfig(resolution=64, min_objects=1, max_objects=3, seed=7)
+    assert cfg == shapes.ShapesConfig(resolution=32, min_objects=1, max_objects=3, seed=7)
 
 
 def test_gin_file_found_by_repo_relative_path(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
@@ -12,10 +13,39 @@ from mmt.data import features, shapes
 from mmt.tokenizers.text import TextTokenizer
 
 
+@pytest.mark.slow
 def test_quickstart_tiny_end_to_end(tmp_path):
+    """The whole chain at a few steps per training stage: every stage runs and hands its
+    outputs to the next (the quality figures are measured by the full-size run)."""
     workdir = tmp_path / "qs"
     result = subprocess.run(
         [sys.executable, "-m", "mmt.quickstart", "--gin_file=quickstart_tiny.gin",
+         f"--workdir={workdir}", "--no_progress"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in range(1, 10):
+        assert f"[{stage}/9]" in result.stdout
+
+    summary = json.loads((workdir / "summary.json").read_text())
+    for split in ("paired", "image_only", "text_only"):
+        stats = json.loads((workdir / "tokens" / split / "stats.json").read_text())
+        assert stats["written"] == summary["records"][split]  # nothing dropped on the way
+        assert (workdir / "tokens" / split / "COMPLETED").exists()
+    assert (workdir / "vqgan" / "export" / "config.json").is_file()
+    assert (workdir / "itit" / "checkpoints").is_dir()
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    for direction in ("t2i", "i2t"):
+        assert 0.0 <= metrics[direction]["attribute"] <= 1.0
+    assert summary["t2i_attribute_accuracy"] == round(metrics["t2i"]["attribute"], 4)
+    assert Image.open(workdir / "generated.png").width > 32
+    assert (workdir / "operative_config.gin").read_text().count("quickstart.eval_examples = 4") == 1
+
+
+def test_quickstart_data_stages(tmp_path):
+    workdir = tmp_path / "qs"
+    result = subprocess.run(
+        [sys.executable, "-m", "mmt.quickstart", "--gin_file=quickstart_tiny.gin", "--data_only",
          f"--workdir={workdir}", "--no_progress"],
         capture_output=True, text=True, timeout=300,
     )
@@ -37,7 +67,7 @@ def test_quickstart_tiny_end_to_end(tmp_path):
     features.check_fingerprints(data_dir, text_vocab=vocab.fingerprint())
 
     # Paired records carry a PNG that decodes to the generated image, and ids of the caption.
-    config = shapes.ShapesConfig(resolution=64)
+    config = shapes.ShapesConfig(resolution=32)
     truth = {e.key: e for e in shapes.generate(config, "paired", 64)}
     files = sorted(str(data_dir / f) for f in manifest.splits["paired"].shards)
     seen = 0

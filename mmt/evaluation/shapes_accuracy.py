@@ -57,3 +57,42 @@ def i2t_accuracy(image_to_text: Callable[[np.ndarray], list[str]], images: np.nd
     for start in range(0, len(images), batch_size):
         captions.extend(image_to_text(images[start:start + batch_size]))
     return _summary([parse_or_empty(c) for c in captions], list(objects)), captions
+
+
+def evaluate_generation(task, examples: Sequence, *, seed: int = 0, batch_size: int = 32, grid_path=None,
+                        grid_samples: int = 16) -> dict:
+    """Scores a trained model's `text_to_image` / `image_to_text` hooks on shapes examples.
+
+    Args:
+      task: anything with `text_to_image(captions, seed=) -> (uint8 [N,H,W,3], tokens)` and
+        `image_to_text(uint8 [N,H,W,3]) -> captions` (ITITTask, UPGen's task).
+      examples: `shapes.Example`s (eval split): their captions are the prompts, their
+        images are captioned.
+      seed: the image sampler's seed (batch i uses seed + i).
+      grid_path: if set, a PNG of the first `grid_samples // 2` prompts with their
+        generated images, then as many eval images with their generated captions.
+
+    Returns:
+      {"t2i": scores, "i2t": scores, "samples": [...]} with `scores` as `t2i_accuracy`.
+    """
+    examples = list(examples)
+    captions = [e.caption for e in examples]
+    generated = []
+
+    def text_to_image(batch):
+        images, _ = task.text_to_image(batch, seed=seed + len(generated))
+        generated.append(images)
+        return images
+
+    t2i = t2i_accuracy(text_to_image, captions, batch_size)
+    images = np.stack([e.image for e in examples])
+    i2t, written = i2t_accuracy(task.image_to_text, images, [e.objects for e in examples], batch_size)
+    half = max(1, grid_samples // 2)
+    samples = ([{"prompt": c} for c in captions[:half]] + [{"key": e.key, "caption": c}
+                                                          for e, c in zip(examples[:half], written)])
+    if grid_path is not None:
+        generated_images = np.concatenate(generated)[:half]
+        shapes.save_grid(list(generated_images) + list(images[:half]),
+                         [f"prompt: {c}" for c in captions[:half]] + [f"generated: {c}" for c in written[:half]],
+                         grid_path)
+    return {"t2i": t2i, "i2t": i2t, "samples": samples}
