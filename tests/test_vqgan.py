@@ -1,9 +1,7 @@
 """The VQGAN tokenizer and its training task: interface, quantizer, GAN step, gin files."""
 
-import ast
 import functools
 import json
-import pathlib
 
 import keras
 import numpy as np
@@ -19,7 +17,8 @@ from mmt.tokenizers.vqgan import VQGAN
 from mmt.tokenizers.vqgan_task import VQGANTask
 from mmt.training.trainer import Trainer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from import_checks import assert_no_tensorflow
+
 RNG = np.random.default_rng(0)
 
 
@@ -303,38 +302,6 @@ _MODEL_FILES = ("mmt/tokenizers/vqgan.py", "mmt/layers/conv.py", "mmt/layers/qua
                 "mmt/losses/perceptual.py")
 
 
-def _imports(tree, top_level_only):
-    nodes = tree.body if top_level_only else ast.walk(tree)
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            yield node.module or ""
-
-
-def _module_file(name):
-    path = REPO / pathlib.Path(*name.split("."))
-    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-
-
 def test_importing_the_vqgan_does_not_import_tensorflow():
-    # Keras' numpy backend needs JAX, which is not installed here, so check statically:
-    # the model files import no TensorFlow anywhere (not even inside functions), and no
-    # module that importing mmt.tokenizers.vqgan runs imports it at module level.
-    for file in _MODEL_FILES:
-        for name in _imports(ast.parse((REPO / file).read_text()), top_level_only=False):
-            assert name.split(".")[0] not in {"tensorflow", "tf_keras", "gin"}, f"{file} imports {name}"
-    seen, todo = set(), ["mmt.tokenizers.vqgan"]
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):  # the packages on the way are imported too
-            module = ".".join(parts[:i])
-            if module in seen or not _module_file(module).is_file():
-                continue
-            seen.add(module)
-            for imported in _imports(ast.parse(_module_file(module).read_text()), top_level_only=True):
-                assert imported.split(".")[0] != "tensorflow", f"{module} imports {imported} at import time"
-                if imported.startswith("mmt"):
-                    todo.append(imported)
+    seen = assert_no_tensorflow(_MODEL_FILES, ["mmt.tokenizers.vqgan"])
     assert {"mmt.layers.conv", "mmt.layers.quantizers", "mmt.tokenizers.image"} <= seen

@@ -30,6 +30,36 @@ def group_norm(channels: int, num_groups: int, name: str, dtype=None) -> keras.l
     return keras.layers.GroupNormalization(groups=groups, epsilon=1e-6, name=name, dtype=dtype)
 
 
+class LayerChain(keras.layers.Layer):
+    """A layer holding a sequence of sub-layers, each as an attribute named after it.
+
+    Not a Python list: Keras 3 tracks list-held layers itself, but `tf.train.Checkpoint`
+    (the trainer's checkpoints) does not see into such lists, so their variables would
+    reach a checkpoint only through the optimizer's references, and non-trainable ones
+    not at all. Sub-layer names must be unique within the chain.
+    """
+
+    def _set_chain(self, layers) -> None:
+        self.chain_names = tuple(layer.name for layer in layers)
+        if len(set(self.chain_names)) != len(self.chain_names):
+            raise ValueError(f"{type(self).__name__}: sub-layer names must be unique, got {self.chain_names}")
+        for layer in layers:
+            setattr(self, layer.name, layer)
+
+    @property
+    def chain(self) -> list:
+        """The sub-layers, in order."""
+        return [getattr(self, name) for name in self.chain_names]
+
+
+def build_chain(layers, shape):
+    """Builds `layers` in order from `shape`; returns the output shape."""
+    for layer in layers:
+        layer.build(shape)
+        shape = layer.compute_output_shape(shape)
+    return shape
+
+
 def _conv(filters: int, kernel_size: int, name: str, dtype, strides: int = 1, padding: str = "same"):
     return keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, name=name, dtype=dtype)
 
@@ -146,4 +176,4 @@ class Upsample(keras.layers.Layer):
         return (b, None if h is None else 2 * h, None if w is None else 2 * w, c)
 
 
-__all__ = ["Downsample", "ResBlock", "Upsample", "group_norm"]
+__all__ = ["Downsample", "LayerChain", "ResBlock", "Upsample", "build_chain", "group_norm"]

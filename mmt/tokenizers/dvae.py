@@ -31,6 +31,7 @@ from typing import Sequence
 import keras
 from keras import ops
 
+from mmt.layers.conv import LayerChain
 from mmt.losses import likelihoods
 from mmt.tokenizers.image import ImageTokenizer, register_tokenizer
 
@@ -50,7 +51,7 @@ def _upsample_nearest(h):
     return ops.reshape(h, (-1, 2 * height, 2 * width, channels))
 
 
-class DVAEResBlock(keras.layers.Layer):
+class DVAEResBlock(LayerChain):
     """A bottleneck resblock: `id(x) + post_gain * res(x)`.
 
     `res` is four (ReLU, conv) pairs through `width // 4` hidden channels; `id` is the
@@ -73,8 +74,8 @@ class DVAEResBlock(keras.layers.Layer):
         self.post_gain = float(post_gain)
         self.kernel_sizes = tuple(int(k) for k in kernel_sizes)
         hidden = self.width // 4
-        self.convs = [_conv(hidden if i < 3 else self.width, k, f"conv_{i + 1}")
-                      for i, k in enumerate(self.kernel_sizes)]
+        self._set_chain([_conv(hidden if i < 3 else self.width, k, f"conv_{i + 1}")
+                         for i, k in enumerate(self.kernel_sizes)])
         self.id_path = None
 
     def build(self, input_shape):
@@ -83,13 +84,13 @@ class DVAEResBlock(keras.layers.Layer):
             self.id_path = _conv(self.width, 1, "id_path")
             self.id_path.build(input_shape)
         shape = tuple(input_shape)
-        for conv in self.convs:
+        for conv in self.chain:
             conv.build(shape)
             shape = shape[:-1] + (conv.filters,)
 
     def call(self, x):
         h = x
-        for conv in self.convs:
+        for conv in self.chain:
             h = conv(ops.relu(h))
         skip = x if self.id_path is None else self.id_path(x)
         return skip + self.post_gain * h
@@ -99,7 +100,7 @@ class DVAEResBlock(keras.layers.Layer):
                 "kernel_sizes": list(self.kernel_sizes)}
 
 
-class DVAEEncoder(keras.layers.Layer):
+class DVAEEncoder(LayerChain):
     """float [B, H, W, 3] (pixels mapped by φ) -> float32 logits [B, H/f, W/f, K], f = 2^(groups - 1)."""
 
     def __init__(self, vocab_size: int, width: int, width_multipliers: Sequence[int], blocks_per_group: int,
@@ -108,22 +109,23 @@ class DVAEEncoder(keras.layers.Layer):
         n_layers = len(width_multipliers) * blocks_per_group
         self.input_conv = _conv(width, 7, "input")
         self.groups = len(width_multipliers)
-        self.blocks = [DVAEResBlock(width * m, 1.0 / n_layers**2, (3, 3, 3, 1), name=f"group_{g + 1}_block_{b + 1}")
-                       for g, m in enumerate(width_multipliers) for b in range(blocks_per_group)]
+        self._set_chain([DVAEResBlock(width * m, 1.0 / n_layers**2, (3, 3, 3, 1), name=f"group_{g + 1}_block_{b + 1}")
+                         for g, m in enumerate(width_multipliers) for b in range(blocks_per_group)])
         # Logits in float32 under mixed precision (the release keeps this conv in fp32).
         self.output_conv = _conv(vocab_size, 1, "output", dtype="float32", gain=logits_init_gain)
 
     def call(self, x):
         h = self.input_conv(x)  # (B, H, W, width)
-        per_group = len(self.blocks) // self.groups
-        for i, block in enumerate(self.blocks):
+        blocks = self.chain
+        per_group = len(blocks) // self.groups
+        for i, block in enumerate(blocks):
             h = block(h)
-            if (i + 1) % per_group == 0 and i + 1 < len(self.blocks):
+            if (i + 1) % per_group == 0 and i + 1 < len(blocks):
                 h = ops.max_pool(h, 2, 2)  # (B, H/2, W/2, C) per pooled group; A.1: max-pooling
         return self.output_conv(ops.cast(ops.relu(h), "float32"))  # (B, h, w, K)
 
 
-class DVAEDecoder(keras.layers.Layer):
+class DVAEDecoder(LayerChain):
     """float [B, h, w, K] (one-hot or relaxed codes) -> float32 [B, h*f, w*f, 6]: mu (3), ln b (3)."""
 
     def __init__(self, width: int, width_multipliers: Sequence[int], blocks_per_group: int, input_width: int,
@@ -132,17 +134,18 @@ class DVAEDecoder(keras.layers.Layer):
         n_layers = len(width_multipliers) * blocks_per_group
         self.input_conv = _conv(input_width, 1, "input", dtype="float32", gain=embedding_init_gain)
         self.groups = len(width_multipliers)
-        self.blocks = [DVAEResBlock(width * m, 1.0 / n_layers**2, (1, 3, 3, 3), name=f"group_{g + 1}_block_{b + 1}")
-                       for g, m in enumerate(reversed(tuple(width_multipliers))) for b in range(blocks_per_group)]
+        self._set_chain([DVAEResBlock(width * m, 1.0 / n_layers**2, (1, 3, 3, 3), name=f"group_{g + 1}_block_{b + 1}")
+                         for g, m in enumerate(reversed(tuple(width_multipliers))) for b in range(blocks_per_group)])
         self.output_conv = _conv(6, 1, "output", dtype="float32")
 
     def call(self, z):
         h = self.input_conv(ops.cast(z, "float32"))  # (B, h, w, input_width)
         h = ops.cast(h, self.compute_dtype)
-        per_group = len(self.blocks) // self.groups
-        for i, block in enumerate(self.blocks):
+        blocks = self.chain
+        per_group = len(blocks) // self.groups
+        for i, block in enumerate(blocks):
             h = block(h)
-            if (i + 1) % per_group == 0 and i + 1 < len(self.blocks):
+            if (i + 1) % per_group == 0 and i + 1 < len(blocks):
                 h = _upsample_nearest(h)  # (B, 2h, 2w, C); A.1: nearest-neighbour upsampling
         return self.output_conv(ops.cast(ops.relu(h), "float32"))  # (B, H, W, 6)
 

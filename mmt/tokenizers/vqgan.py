@@ -26,40 +26,13 @@ from typing import Sequence
 import keras
 from keras import ops
 
-from mmt.layers.conv import Downsample, ResBlock, Upsample, group_norm
+from mmt.layers.conv import Downsample, LayerChain, ResBlock, Upsample, build_chain, group_norm
 from mmt.layers.quantizers import VectorQuantizer
 from mmt.tokenizers.image import ImageTokenizer, register_tokenizer
 
 
-def _build_chain(layers, shape):
-    """Builds `layers` in order from `shape`; returns the output shape."""
-    for layer in layers:
-        layer.build(shape)
-        shape = layer.compute_output_shape(shape)
-    return shape
-
-
-class _Chain(keras.layers.Layer):
-    """A layer whose sub-layers run in order, each held as a named attribute.
-
-    Not a Python list: Keras 3 tracks list-held layers itself, but `tf.train.Checkpoint`
-    does not see into such lists, so their variables would reach the trainer's
-    checkpoints only through the optimizer's references (and non-trainable ones not at
-    all).
-    """
-
-    def _set_chain(self, layers) -> None:
-        self.chain_names = tuple(layer.name for layer in layers)
-        for layer in layers:
-            setattr(self, layer.name, layer)
-
-    @property
-    def chain(self) -> list:
-        return [getattr(self, name) for name in self.chain_names]
-
-
 @keras.saving.register_keras_serializable(package="mmt")
-class Encoder(_Chain):
+class Encoder(LayerChain):
     """MaskGIT's VQGAN encoder: float `[B, H, W, 3]` -> float `[B, H/f, W/f, embedding_dim]`.
 
     Args:
@@ -95,7 +68,7 @@ class Encoder(_Chain):
         self.conv_out = keras.layers.Conv2D(self.embedding_dim, 1, name="conv_out", dtype=policy)
 
     def build(self, input_shape):
-        shape = _build_chain(self.chain, tuple(input_shape))
+        shape = build_chain(self.chain, tuple(input_shape))
         self.norm_out.build(shape)
         self.conv_out.build(shape)
         self.built = True
@@ -118,7 +91,7 @@ class Encoder(_Chain):
 
 
 @keras.saving.register_keras_serializable(package="mmt")
-class Decoder(_Chain):
+class Decoder(LayerChain):
     """MaskGIT's VQGAN decoder: float `[B, h, w, C]` -> float `[B, h*f, w*f, 3]`.
 
     Args as `Encoder` (mirrored). `features` returns the input of the last convolution
@@ -146,7 +119,7 @@ class Decoder(_Chain):
         self.conv_out = keras.layers.Conv2D(3, 3, padding="same", name="conv_out", dtype=policy)
 
     def build(self, input_shape):
-        shape = _build_chain(self.chain, tuple(input_shape))
+        shape = build_chain(self.chain, tuple(input_shape))
         self.norm_out.build(shape)
         self.conv_out.build(shape)
         self.built = True
