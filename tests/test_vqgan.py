@@ -278,6 +278,7 @@ def test_a_model_only_checkpoint_holds_every_variable(tmp_path):
     ("vqgan_maskgit.gin", 1024, 16, {"generator", "discriminator"}),
     ("vqgan_itit.gin", 8192, 16, {"generator", "discriminator"}),
     ("vqgan_tiny.gin", 512, 16, {"generator"}),
+    ("vqgan_quickstart.gin", 256, 8, {"generator"}),
 ])
 def test_gin_files_build_with_dry_run(gin_file, codes, grid, groups, tmp_path, capsys):
     from mmt import config as mmt_config

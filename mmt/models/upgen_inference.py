@@ -17,16 +17,17 @@ from mmt.sampling import parallel_decode
 
 
 def decode(model, ids, modalities, seed, *, num_steps: int = 12, choice_temperature: float = 20.0,
-           sampling_temperature: float = 1.0, schedule: str = "cosine", guidance_scale: float = 0.0,
-           uncond_fn=None, return_history: bool = False):
+           sampling_temperature: float = 1.0, schedule: str = "cosine", order: str = "confidence",
+           guidance_scale: float = 0.0, uncond_fn=None, return_history: bool = False):
     """Fills every [MASK] of a union-vocabulary sequence; the other positions come back unchanged.
 
     Args:
       ids: int32 [B, N] in `modalities`' layout, `model.mask_id` where to generate.
       modalities: the layout, e.g. ("image", "text").
       seed: an int or a `keras.random.SeedGenerator`.
-      num_steps, choice_temperature, sampling_temperature, schedule: of
-        `parallel_decode.decode` (UPGen §4.5: choice temperature ~20 is best for images).
+      num_steps, choice_temperature, sampling_temperature, schedule, order: of
+        `parallel_decode.decode` (UPGen §4.5: choice temperature ~20 is best for images;
+        order "left_to_right" with one step per token is §3's autoregressive extreme).
       guidance_scale, uncond_fn: classifier-free guidance (not in the paper; 0 = off);
         `uncond_fn(tokens) -> tokens` blanks the conditioning for the unconditional logits.
 
@@ -39,7 +40,7 @@ def decode(model, ids, modalities, seed, *, num_steps: int = 12, choice_temperat
         uncond = lambda tokens: model.logits(uncond_fn(tokens), modalities)  # noqa: E731
     return parallel_decode.decode(logits_fn, ids, model.mask_id, num_steps, seed, schedule=schedule,
                                   choice_temperature=choice_temperature, sampling_temperature=sampling_temperature,
-                                  guidance_scale=guidance_scale, uncond_logits_fn=uncond,
+                                  guidance_scale=guidance_scale, uncond_logits_fn=uncond, order=order,
                                   token_range=model.token_range(modalities), return_history=return_history)
 
 

@@ -50,8 +50,9 @@ DEFAULT_GENERATION = {
     # Text -> image and unconditional images (UPGen §4.5: choice temperature ~20).
     "num_steps": 12, "choice_temperature": 20.0, "sampling_temperature": 1.0, "guidance_scale": 0.0,
     "schedule": "cosine",
-    # Image -> text.
+    # Image -> text; "text_order": "left_to_right" reveals one position after another.
     "text_num_steps": 12, "text_choice_temperature": 4.5, "text_sampling_temperature": 1.0,
+    "text_order": "confidence",
 }
 
 
@@ -251,7 +252,7 @@ class UPGenTask(Task):
         opts = {"num_steps": self.generation["text_num_steps"],
                 "choice_temperature": self.generation["text_choice_temperature"],
                 "sampling_temperature": self.generation["text_sampling_temperature"],
-                "schedule": self.generation["schedule"]}
+                "order": self.generation["text_order"], "schedule": self.generation["schedule"]}
         opts.update({k: v for k, v in options.items() if v is not None})
         fn = lambda tokens, s: upgen_inference.image_to_text(self.model, tokens, _seed(s), **opts)  # noqa: E731
         ids = self._run(f"i2t{sorted(opts.items())}", fn, np.asarray(image_tokens, np.int32), _seed_array(seed))
@@ -270,8 +271,8 @@ class UPGenTask(Task):
     def image_to_text(self, images, beam_size: int | None = None, seed: int = 0, **options):
         """uint8 images [N, H, W, 3] -> captions, by parallel decoding of the text positions.
 
-        `options`: num_steps, choice_temperature, sampling_temperature (defaults from the
-        `generation` entries `text_*`). UPGen has no beam search: `beam_size` must be
+        `options`: num_steps, choice_temperature, sampling_temperature, order (defaults
+        from the `generation` entries `text_*`). UPGen has no beam search: `beam_size` must be
         None or 1 (the argument exists for `mmt.generate`).
         """
         if beam_size not in (None, 1):

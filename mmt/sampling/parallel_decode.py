@@ -46,6 +46,7 @@ def decode(
     uncond_logits_fn: Callable | None = None,
     guidance_schedule: str = "constant",
     token_range=None,
+    order: str = "confidence",
     return_history: bool = False,
 ):
     """Generates the masked positions of `tokens` in `num_steps` parallel steps.
@@ -76,6 +77,10 @@ def decode(
       token_range: optional `(lo, hi)`: only token ids `lo <= id < hi` may be sampled.
         `lo`/`hi` are ints or int tensors broadcasting against `[B, N]` (e.g. `[N]`
         per position: UPGen's image codes at image positions, word pieces at text ones).
+      order: which masked positions a step keeps: "confidence" (MaskGIT: the most
+        confident samples), or "left_to_right" (the leftmost masked positions, whatever
+        their confidence; with `num_steps` equal to the number of masked positions this
+        is autoregressive decoding in the masked model -- UPGen §3's other extreme).
       return_history: also return the tokens after every step.
 
     Returns:
@@ -85,6 +90,8 @@ def decode(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    if order not in ("confidence", "left_to_right"):
+        raise ValueError(f"unknown order {order!r} (confidence, left_to_right).")
     if guidance_schedule not in ("constant", "linear"):
         raise ValueError(f"unknown guidance_schedule {guidance_schedule!r} (constant, linear).")
     guided = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 0)
@@ -122,6 +129,8 @@ def decode(
         anneal = 1.0 - ops.cast(step + 1, "float32") / num_steps
         noise = seeds_lib.gumbel((batch, length), step_seed)
         confidence = chosen + choice_temperature * anneal * noise
+        if order == "left_to_right":  # keep the leftmost: confidence falls with the position
+            confidence = -ops.cast(ops.arange(length), "float32")[None] + ops.zeros_like(confidence)
         confidence = ops.where(unknown, confidence, float("inf"))  # fixed: never re-masked
         # Re-mask the `remask` least confident positions: exact counts via ranks.
         remask = ops.take(counts, step, axis=0)  # [B]

@@ -26,7 +26,10 @@ images (`shapes`: ~3% coloured pixels on black): with γ = 0 the decoder makes b
 the background and large on the objects, whose `mu` gradient (~1/b) then drowns in the
 background's; measured on 32x32 shapes, a plain conv autoencoder with the paper's
 likelihood stays at the all-black reconstruction for 3,000 Adam steps, with γ = 1 it
-reaches MSE 0.0036 in 200 (`gin/dvae_tiny.gin` uses γ = 1).
+reaches MSE 0.0036 in 200. γ = 2 goes further: the `mu` gradient sign(x - mu) / b
+becomes sign(x - mu) * b, and b tracks |x - mu|, so large errors (the objects) dominate
+as under an L2 loss; on 64x64 shapes it lifts the tiny dVAE's argmax reconstructions
+from 55% to 99.8% detector agreement at equal steps (`gin/dvae_tiny.gin` uses γ = 2).
 
 Schedules (A.2, "all of which use a cosine schedule"): β rises from 0 to 6.6 over the
 first 5,000 updates and τ falls from 1 to 1/16 over the first 150,000; both are
