@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                      # widths 512 and 256
     python benchmarks/train_step.py --widths 512 --steps 20 --precision mixed_bfloat16
+    python benchmarks/train_step.py --widths 512 --profile /tmp/step_profile   # + top ops
 
 For each width it trains, on one fixed batch of 8 x 256 tokens (masked-token objective,
 depth 4, MLP 4x, vocabulary 1024):
@@ -12,6 +13,10 @@ depth 4, MLP 4x, vocabulary 1024):
 * **stock Keras**: `keras.layers.MultiHeadAttention` / `Dense` / `LayerNormalization`
   blocks, trained with `model.compile(jit_compile=True)` + `train_on_batch` (what
   `model.fit` runs per step) and `keras.optimizers.Adam`.
+
+With `--profile DIR` it also traces a few of mmt's steps with the TensorFlow profiler
+and prints the ops that took the most self time (from the trace's host threads: TF ops,
+and XLA's thunks where the runtime reports them), so the gap to the ceiling has names.
 
 It prints achieved GFLOP/s (analytic FLOPs of a training step: 3x the forward matmuls),
 the same run's fp32 matmul ceiling (the better of XLA and plain `tf.matmul` on
@@ -25,6 +30,7 @@ import argparse
 import functools
 import os
 import platform
+import re
 import sys
 import time
 
@@ -95,6 +101,79 @@ def _batch(seed: int = 0):
     return ids, mask
 
 
+def top_ops(logdir: str, count: int = 12) -> list[tuple[str, float, int]]:
+    """(op name, share of traced self time, occurrences) of the ops in a TF profile, largest first.
+
+    Reads the newest `*.xplane.pb` under `logdir` (what `tf.profiler.experimental` writes).
+    Trace events nest on each thread line; an op's self time is its duration minus that
+    of the events nested inside it, so no time is counted twice.
+    """
+    import collections
+    import glob
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    files = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {logdir}/plugins/profile")
+    space = xplane_pb2.XSpace()
+    with open(files[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    self_ps, calls = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        if not plane.name.startswith("/host:"):
+            continue
+        names = {key: (meta.display_name or meta.name) for key, meta in plane.event_metadata.items()}
+        for line in plane.lines:
+            events = sorted(((e.offset_ps, e.duration_ps, names.get(e.metadata_id, "?")) for e in line.events),
+                            key=lambda e: (e[0], -e[1]))
+            stack = []  # [end_ps, name, self_ps]
+            for start, duration, name in events:
+                while stack and stack[-1][0] <= start:
+                    _, done, own = stack.pop()
+                    self_ps[done] += own
+                if stack:
+                    stack[-1][2] -= duration
+                stack.append([start + duration, name, duration])
+                calls[name] += 1
+            for _, done, own in stack:
+                self_ps[done] += own
+    # Waits and executor containers are not ops; HLO instances (dot.10, MatMul.132,
+    # copy_multiply_fusion.3) are grouped by kind.
+    grouped_ps, grouped_calls = collections.Counter(), collections.Counter()
+    for name, ps in self_ps.items():
+        if ps <= 0 or any(word in name for word in _NOT_OPS):
+            continue
+        kind = re.sub(r"([._]\d+)+$", "", name)
+        grouped_ps[kind] += ps
+        grouped_calls[kind] += calls[name]
+    total = sum(grouped_ps.values())
+    ranked = sorted(((kind, ps / total, grouped_calls[kind]) for kind, ps in grouped_ps.items()), key=lambda r: -r[1])
+    return ranked[:count]
+
+
+#: Trace events that wait or contain other events rather than compute.
+_NOT_OPS = ("BlockUntilReady", "ThunkExecutor", "Execute", "function", "Wait", "Sleep", "Compile")
+
+
+def profile_mmt(width: int, steps: int, precision: str, logdir: str) -> None:
+    """Traces `steps` of mmt's XLA train step and prints the top ops by self time."""
+    trainer, step = _mmt_step(width, steps, precision, jit=True)
+    try:
+        for _ in range(3):
+            step()
+        tf.profiler.experimental.start(logdir)
+        for _ in range(steps):
+            step()
+        tf.profiler.experimental.stop()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    print(f"  width {width}: top ops by self time over {steps} traced steps ({logdir}):")
+    for name, share, count in top_ops(logdir):
+        print(f"    {100 * share:5.1f}%  {count:>6}x  {name[:90]}")
+    print()
+
+
 def _time(step, steps: int) -> float:
     """Seconds per step (after 3 warm-up steps), best of 3 rounds."""
     for _ in range(3):
@@ -108,7 +187,8 @@ def _time(step, steps: int) -> float:
     return best
 
 
-def bench_mmt(width: int, steps: int, precision: str, jit: bool) -> float:
+def _mmt_step(width: int, steps: int, precision: str, jit: bool):
+    """(trainer, step()) for mmt's train step on the fixed batch."""
     trainer = Trainer(
         task=functools.partial(_BenchTask, width),
         streams={},
@@ -127,6 +207,11 @@ def bench_mmt(width: int, steps: int, precision: str, jit: bool) -> float:
         metrics, _ = trainer.train_step(batch)
         metrics["loss/masked_ce"].numpy()
 
+    return trainer, step
+
+
+def bench_mmt(width: int, steps: int, precision: str, jit: bool) -> float:
+    _, step = _mmt_step(width, steps, precision, jit)
     try:
         return _time(step, steps)
     finally:
@@ -163,6 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round (3 rounds, best kept)")
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"])
     parser.add_argument("--no_xla", action="store_true", help="also time both models without XLA")
+    parser.add_argument("--profile", metavar="DIR", help="also trace mmt's XLA step into DIR and print its top ops")
     args = parser.parse_args(argv)
 
     ceiling = matmul_ceiling()
@@ -188,6 +274,8 @@ def main(argv=None) -> int:
                 print(f"{name:<12} {width:>5} {'on' if jit else 'off':>4} {seconds * 1e3:>8.1f} {gflops:>8.1f} "
                       f"{100 * gflops / best_ceiling:>8.1f}%", flush=True)
         print(f"  width {width}: mmt / stock keras (XLA) = {results[('mmt', True)] / results[('stock keras', True)]:.2f}x\n")
+        if args.profile:
+            profile_mmt(width, 5, args.precision, os.path.join(args.profile, f"width{width}"))
     return 0
 
 

@@ -237,6 +237,17 @@ def test_greedy_decode_markov_chain_and_pads_after_eos():
     assert_equal(out, [[BOS, 3, 3, 3, 3]])
 
 
+def test_greedy_decode_stops_once_every_row_has_ended():
+    # Eagerly the loop body runs once per step: count the model calls. Both rows end by
+    # index 2 (EOS written at position 3), so 3 calls, not max_length - 1 = 11.
+    rows = chain([[1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0.7, 0.3],
+                  [0, 0.1, 0, 0.2, 0.7], [0, 0.8, 0, 0.1, 0.1]])
+    calls, fn = [], markov(rows)
+    out = np_(ar.greedy_decode(lambda t, i: calls.append(1) or fn(t, i), np.array([[BOS], [4]]), 12, EOS, PAD))
+    assert_equal(out, [[BOS, 3, 4, EOS] + [PAD] * 8, [4, EOS] + [PAD] * 10])
+    assert len(calls) == 3
+
+
 def brute_force_best(log_probs, start_token, max_length, alpha):
     """Best GNMT-normalised score over all continuations (EOS-terminated, or full length)."""
     gen_len, best = max_length - 1, (-np.inf, None)

@@ -30,12 +30,13 @@ def image_logits_fn(model, text_ids, training: bool = False):
 
 
 def generate_images(model, text_ids, seed, *, num_steps: int = 24, guidance_scale: float = 2.0,
-                    choice_temperature: float = 32.0, schedule: str = "cosine"):
+                    choice_temperature: float = 32.0, schedule: str = "cosine", sampling_temperature: float = 1.0):
     """Text -> image tokens by MaskGIT/Muse parallel decoding (ITIT App. B).
 
     Guidance `l = (1 + λ) l_c − λ l_u` with the unconditional logits from the empty
     caption (trained by the I2I loss); confidence noised by Gumbel noise of
-    temperature t (paper: 24 steps, λ = 2.0, t = 32).
+    temperature t (paper: 24 steps, λ = 2.0, t = 32); tokens drawn from the guided logits
+    at `sampling_temperature` (1.0 as the paper; 0 takes the argmax).
 
     Args:
       text_ids: int32 [B, L].
@@ -48,7 +49,7 @@ def generate_images(model, text_ids, seed, *, num_steps: int = 24, guidance_scal
     start = ops.full((batch, model.num_image_tokens), model.mask_id, "int32")
     return parallel_decode.decode(cond, start, model.mask_id, num_steps, seed, schedule=schedule,
                                   choice_temperature=choice_temperature, guidance_scale=guidance_scale,
-                                  uncond_logits_fn=uncond)
+                                  sampling_temperature=sampling_temperature, uncond_logits_fn=uncond)
 
 
 def _caption_logits_fn(model, image_tokens, training: bool = False):

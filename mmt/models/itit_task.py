@@ -43,7 +43,7 @@ class ITITTask(Task):
         the data must carry its fingerprint; generation decodes tokens with it.
       text_vocab: the SentencePiece model (file or directory) of the text ids.
       generation: defaults of `text_to_image` / `image_to_text` (num_steps,
-        guidance_scale, choice_temperature, beam_size).
+        guidance_scale, choice_temperature, sampling_temperature, beam_size).
     """
 
     def __init__(self, network: Mapping | None = None, t2i: bool = True, i2t: bool = True, i2i: bool = True,
@@ -70,8 +70,8 @@ class ITITTask(Task):
         self.t2i_mask_max, self.i2t_mask_max = t2i_mask_max, i2t_mask_max
         self.loss_weights = dict(loss_weights or {})
         self.image_tokenizer_path, self.text_vocab_path = image_tokenizer, text_vocab
-        self.generation = {"num_steps": 24, "guidance_scale": 2.0, "choice_temperature": 32.0, "beam_size": 4,
-                           **dict(generation or {})}
+        self.generation = {"num_steps": 24, "guidance_scale": 2.0, "choice_temperature": 32.0,
+                           "sampling_temperature": 1.0, "beam_size": 4, **dict(generation or {})}
         self.pad_id, self.eos_id = self.model.pad_id, self.model.eos_id
         self._tokenizers = None
 
@@ -104,7 +104,8 @@ class ITITTask(Task):
     def text_to_image(self, texts, seed: int = 0, **options):
         """Captions -> uint8 images [N, H, W, 3] (and the int32 [N, h, w] tokens)."""
         image_tokenizer, text_tokenizer = self.tokenizers()
-        opts = {k: self.generation[k] for k in ("num_steps", "guidance_scale", "choice_temperature")}
+        opts = {k: self.generation[k] for k in ("num_steps", "guidance_scale", "choice_temperature",
+                                                 "sampling_temperature")}
         opts.update(options)
         ids = ops.convert_to_tensor(text_tokenizer.encode(list(texts), self.model.text_length))
         tokens = itit_inference.generate_images(self.model, ids, seed, **opts)

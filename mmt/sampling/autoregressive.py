@@ -3,8 +3,9 @@
 Every decoder works on a fixed-length buffer int32 `[B, max_length]`: the start tokens
 (e.g. `[BOS]` for ITIT's GIT-style text decoder, the text for DALL-E) fill the first `S`
 positions, pad the rest, and step `index` (from `S - 1` to `max_length - 2`) writes the
-token at `index + 1`. After a row's EOS only `pad_id` follows. Shapes are static and the
-loops have fixed trip counts, so everything compiles under XLA on any backend.
+token at `index + 1`. After a row's EOS only `pad_id` follows. Shapes are static (greedy
+and sampled decoding stop early once every row has ended), so everything compiles under
+XLA on any backend.
 
 Two `logits_fn` interfaces, chosen by whether a `cache` is passed:
 
@@ -226,7 +227,22 @@ def _decode(logits_fn, start_tokens, max_length, eos_id, pad_id, cache, choose):
             new_state["cache"] = new_cache
         return new_state
 
-    return ops.fori_loop(start - 1, max_length - 1, step_fn, state)["tokens"]
+    if eos_id is None:  # fixed-length generation: every position is needed
+        return ops.fori_loop(start - 1, max_length - 1, step_fn, state)["tokens"]
+
+    # Stop as soon as every row has emitted EOS: the rest of the buffer is already pad,
+    # so the output is that of the full loop, and a batch of short captions costs its
+    # longest caption's steps, not `max_length`'s (ITIT's I2T2I cycle decodes greedily
+    # in every training step). Still one static-shape loop: XLA compiles it as a while.
+    def cond(index, state):
+        return ops.logical_and(index < max_length - 1, ops.logical_not(ops.all(state["finished"])))
+
+    def body(index, state):
+        return index + 1, step_fn(index, state)
+
+    _, state = ops.while_loop(cond, body, (ops.convert_to_tensor(start - 1, "int32"), state),
+                              maximum_iterations=max_length - start)
+    return state["tokens"]
 
 
 def _argmax(logits, index):
