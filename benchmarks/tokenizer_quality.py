@@ -6,6 +6,8 @@ their true objects are known) and prints, headed by the command that produced it
 * PSNR (dB, mean over images of 10 log10(255^2 / MSE)) and MSE;
 * codebook usage over all eval tokens: the fraction of codes used at least once and
   the perplexity exp(H) of the code histogram (1 = one code, K = all codes equally);
+* the codes of all-black patches: how many synonyms the background is spread over
+  (few is what a text-to-image model on these tokens wants);
 * the shapes detector's exact-match agreement between each image and its
   reconstruction (every object with every attribute), and per-attribute agreement
   (`mmt.data.shapes.attribute_accuracy`, detect(reconstruction) vs detect(image));
@@ -61,6 +63,25 @@ def code_usage(codes: np.ndarray, vocab_size: int) -> tuple[float, float, int]:
     return float((counts > 0).mean()), float(np.exp(-(nonzero * np.log(nonzero)).sum())), int((counts > 0).sum())
 
 
+def background_synonyms(images: np.ndarray, codes: np.ndarray) -> tuple[int, float]:
+    """(distinct codes, perplexity) of the codes given to all-black patches.
+
+    Each code covers an (H/h x W/w) patch of its image. A black patch is one of the most
+    predictable things a generator must produce; spread over many synonymous codes it
+    becomes a guess among them at every background position (and speckles sampled images
+    with whatever the stray codes decode to). (0, 0.0) when no patch is all black.
+    """
+    n, h, w = codes.shape
+    fh, fw = images.shape[1] // h, images.shape[2] // w
+    patch_max = images.reshape(n, h, fh, w, fw, 3).max(axis=(2, 4, 5))  # [N, h, w]
+    black = codes[patch_max == 0]
+    if black.size == 0:
+        return 0, 0.0
+    counts = np.bincount(black).astype(np.float64)
+    p = counts[counts > 0] / black.size
+    return int((counts > 0).sum()), float(np.exp(-(p * np.log(p)).sum()))
+
+
 def evaluate(tokenizer: ImageTokenizer, images: np.ndarray, batch_size: int) -> dict:
     """Runs the tokenizer over `images` (uint8 [N, R, R, 3]) and scores the reconstructions."""
     codes, decoded = [], []
@@ -77,6 +98,7 @@ def evaluate(tokenizer: ImageTokenizer, images: np.ndarray, batch_size: int) -> 
     found = [shapes.detect(x) for x in decoded]
     scores = shapes.attribute_accuracy(found, truth)
     usage, perplexity, used = code_usage(codes, tokenizer.vocab_size)
+    black_codes, black_perplexity = background_synonyms(images, codes)
     per_image = psnr(images, decoded)
     mse = ((images.astype(np.float64) - decoded.astype(np.float64)) ** 2).mean()
     return {
@@ -88,6 +110,8 @@ def evaluate(tokenizer: ImageTokenizer, images: np.ndarray, batch_size: int) -> 
         "code_usage": usage,
         "codes_used": used,
         "perplexity": perplexity,
+        "black_patch_codes": black_codes,
+        "black_patch_perplexity": black_perplexity,
         "vocab_size": tokenizer.vocab_size,
         "grid": list(tokenizer.grid_size),
         "images_per_s": len(images) / seconds,
@@ -147,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  PSNR          {result['psnr_db']:.2f} dB   (MSE {result['mse']:.1f})")
     print(f"  code usage    {result['code_usage']:.1%} of codes ({result['codes_used']} of {result['vocab_size']}), "
           f"perplexity {result['perplexity']:.1f}")
+    print(f"  black patches {result['black_patch_codes']} distinct codes, perplexity "
+          f"{result['black_patch_perplexity']:.1f} (1 is ideal for a generator; see background_synonyms)")
     print(f"  agreement     {result['agreement']:.1%} exact match, detect(reconstruction) == detect(image)")
     print("  per attribute " + "  ".join(f"{a} {result['attributes'][a]:.1%}" for a in _ATTRIBUTES[1:]))
     print(f"  throughput    {result['images_per_s']:.0f} images/s (encode + decode, batch {args.batch_size})")

@@ -306,3 +306,21 @@ _MODEL_FILES = ("mmt/tokenizers/vqgan.py", "mmt/layers/conv.py", "mmt/layers/qua
 def test_importing_the_vqgan_does_not_import_tensorflow():
     seen = assert_no_tensorflow(_MODEL_FILES, ["mmt.tokenizers.vqgan"])
     assert {"mmt.layers.conv", "mmt.layers.quantizers", "mmt.tokenizers.image"} <= seen
+
+
+def test_background_synonyms_counts_the_codes_of_all_black_patches():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "tokenizer_quality.py"
+    spec = importlib.util.spec_from_file_location("tokenizer_quality", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    images = np.zeros((2, 4, 4, 3), np.uint8)  # 2x2 grids of 2x2 patches
+    images[0, 0, 0] = 255  # patch (0, 0) of image 0 is not black
+    codes = np.array([[[9, 1], [1, 2]], [[1, 1], [2, 2]]])
+    # Black patches' codes: 1, 1, 2 | 1, 1, 2, 2 -> two distinct, p = (4/7, 3/7).
+    distinct, perplexity = quality.background_synonyms(images, codes)
+    p = np.array([4 / 7, 3 / 7])
+    assert distinct == 2 and perplexity == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert quality.background_synonyms(np.full((1, 4, 4, 3), 7, np.uint8), codes[:1]) == (0, 0.0)
