@@ -14,7 +14,6 @@ from keras import ops
 from keras import random as krandom
 from keras.random import SeedGenerator
 from keras.src.backend import random_seed_dtype  # the backend's seed dtype (no public alias)
-from keras.src.random.seed_generator import draw_seed  # int / SeedGenerator -> seed tensor
 
 # Gumbel noise comes from 23-bit integers: TensorFlow's float `stateless_uniform` gives
 # different numbers eagerly and under XLA, its integer draws do not, so a sampler traced
@@ -40,38 +39,34 @@ class FixedSeed(SeedGenerator):
         return ops.stack([self._seed[0], self._seed[1] + self._draws])
 
 
-def _tensorflow():
+def _backend_draws():
+    """The module with XLA-safe `uniform` / `randint` for this backend, or None (use `keras.random`)."""
     if keras.backend.backend() != "tensorflow":
         return None
-    import tensorflow as tf
+    from mmt import tf_random  # TensorFlow-only; see its docstring for why
 
-    return tf
+    return tf_random
 
 
 def uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
     """`keras.random.uniform`, except that under TensorFlow it stays compiled under XLA.
 
-    Keras's TensorFlow backend casts the seed to int32 and lets TensorFlow pick the
-    algorithm ("auto_select"); XLA then treats the seed as a compile-time constant and
-    recompiles the whole step for every new seed (measured: an ITIT train step under
-    `jit_compile=True` recompiled at every step, 25 s each on CPU). Calling TensorFlow
-    with the int64 seed and `alg="philox"` keeps it a runtime input. Other backends
-    use `keras.random` unchanged.
+    Keras's TensorFlow backend makes XLA treat the seed as a compile-time constant, so a
+    compiled step would recompile for every new seed; `mmt.tf_random` draws with the
+    seed as a runtime input. Other backends use `keras.random` unchanged.
     """
-    tf = _tensorflow()
-    if tf is None:
+    draws = _backend_draws()
+    if draws is None:
         return krandom.uniform(shape, minval=minval, maxval=maxval, dtype=dtype, seed=seed)
-    return tf.random.stateless_uniform(shape, seed=draw_seed(seed), minval=tf.cast(minval, dtype),
-                                       maxval=tf.cast(maxval, dtype), dtype=dtype, alg="philox")
+    return draws.uniform(shape, seed, minval, maxval, dtype)
 
 
 def randint(shape, minval, maxval, seed, dtype="int32"):
     """`keras.random.randint` (int `[minval, maxval)`), XLA-safe as `uniform`."""
-    tf = _tensorflow()
-    if tf is None:
+    draws = _backend_draws()
+    if draws is None:
         return krandom.randint(shape, minval, maxval, seed=seed, dtype=dtype)
-    return tf.random.stateless_uniform(shape, seed=draw_seed(seed), minval=minval, maxval=maxval, dtype=dtype,
-                                       alg="philox")
+    return draws.randint(shape, minval, maxval, seed, dtype)
 
 
 def step_seeds(seed, num_steps: int):
