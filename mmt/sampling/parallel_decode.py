@@ -123,14 +123,15 @@ def decode(
         unknown = current == mask_id
         sampled = seeds_lib.categorical(logits, step_seed, sampling_temperature)
         sampled = ops.where(unknown, sampled, current)
-        log_probs = ops.log_softmax(logits, axis=-1)
-        chosen = ops.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]  # [B, N]
-        # MaskGIT's annealed randomness in the choice of which samples to keep.
-        anneal = 1.0 - ops.cast(step + 1, "float32") / num_steps
-        noise = seeds_lib.gumbel((batch, length), step_seed)
-        confidence = chosen + choice_temperature * anneal * noise
         if order == "left_to_right":  # keep the leftmost: confidence falls with the position
-            confidence = -ops.cast(ops.arange(length), "float32")[None] + ops.zeros_like(confidence)
+            confidence = ops.broadcast_to(-ops.cast(ops.arange(length), "float32")[None], (batch, length))
+        else:
+            log_probs = ops.log_softmax(logits, axis=-1)
+            chosen = ops.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]  # [B, N]
+            # MaskGIT's annealed randomness in the choice of which samples to keep.
+            anneal = 1.0 - ops.cast(step + 1, "float32") / num_steps
+            noise = seeds_lib.gumbel((batch, length), step_seed)
+            confidence = chosen + choice_temperature * anneal * noise
         confidence = ops.where(unknown, confidence, float("inf"))  # fixed: never re-masked
         # Re-mask the `remask` least confident positions: exact counts via ranks.
         remask = ops.take(counts, step, axis=0)  # [B]
