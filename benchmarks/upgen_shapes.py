@@ -19,6 +19,9 @@ Scoring a workdir prints, headed by the command that produced it:
   detector, against the caption's parsed objects (`mmt.evaluation.shapes_accuracy`);
 * I2T: captions generated for as many eval images, parsed, against the true objects;
   `attribute` is the mean of the shape / colour / size / cell scores;
+* caption reliance: the image-token cross-entropy with the image fully masked (the
+  first text-to-image step) given the right caption, no caption (all masked) and
+  another example's caption -- how much the model reads the text at all;
 * linear probes of the frozen mean-pooled image features (`mmt.evaluate linear_probe`)
   for the trained network and for its untrained initialisation;
 
@@ -95,6 +98,7 @@ def score(workdir: str, examples: int, probe_train: int, probe_test: int, seed: 
     results["i2t"], written = shapes_accuracy.i2t_accuracy(lambda x: task.image_to_text(x, seed=seed), images,
                                                          [e.objects for e in eval_examples])
     results["i2t_seconds"] = time.perf_counter() - start
+    results["caption_reliance"] = caption_reliance(task, images, captions)
     unconditional, _ = task.unconditional_images(4, seed=seed)
     results["probe"] = probe_lib.linear_probe(task.image_features, resolution, train_examples=probe_train,
                                               test_examples=probe_test)
@@ -106,6 +110,40 @@ def score(workdir: str, examples: int, probe_train: int, probe_test: int, seed: 
                "i2t": list(zip(written[:8], images[:8])), "unconditional": list(unconditional)}
     results["i2t_samples"] = [{"true": c, "generated": w} for c, w in zip(captions[:8], written[:8])]
     return results, samples
+
+
+def caption_reliance(task, images, captions, batch_size: int = 64) -> dict:
+    """Mean image-token CE (nats) with the image fully masked, per caption condition.
+
+    "right": the image's caption; "none": every text position masked; "other": the
+    caption of the next example (a different scene). right << none means the model
+    reads the caption; right ~ none ~ other means it generates images blind.
+    """
+    from keras import ops
+
+    image_tokenizer, text_tokenizer = task.tokenizers()
+    model = task.model
+    tokens = image_tokenizer.encode(np.asarray(images, np.uint8)).reshape(len(images), -1)
+    text = np.asarray(text_tokenizer.encode(list(captions), model.text_length), np.int32)
+    variants = {"right": text, "other": np.roll(text, 1, axis=0), "none": None}
+    out = {}
+    for name, ids in variants.items():
+        total = 0.0
+        for start in range(0, len(tokens), batch_size):
+            target = tokens[start:start + batch_size]
+            seq, modalities = model.sequence(ops.convert_to_tensor(target), ops.convert_to_tensor(
+                text[start:start + batch_size] if ids is None else ids[start:start + batch_size]))
+            seq = ops.convert_to_numpy(seq).copy()
+            k = model.num_image_tokens
+            seq[:, :k] = model.mask_id
+            if ids is None:
+                seq[:, k:] = model.mask_id
+            logits = np.asarray(ops.convert_to_numpy(model.logits(ops.convert_to_tensor(seq), modalities)))[:, :k]
+            logits = logits - logits.max(axis=-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            total += -np.take_along_axis(logp, target[..., None], axis=-1).sum()
+        out[name] = float(total / tokens.size)
+    return out
 
 
 def _line(name: str, scores: dict) -> str:
@@ -149,6 +187,9 @@ def main(argv=None) -> int:
     print(f"UPGen at step {results['step']}: {args.examples} eval examples")
     print(_line("T2I", results["t2i"]) + f"   {results['t2i_seconds']:.0f}s")
     print(_line("I2T", results["i2t"]) + f"   {results['i2t_seconds']:.0f}s")
+    ce = results["caption_reliance"]
+    print(f"image CE, image fully masked: right caption {ce['right']:.3f}  no caption {ce['none']:.3f}  "
+          f"other caption {ce['other']:.3f}")
     for name, key in (("probe (trained)", "probe"), ("probe (untrained)", "probe_untrained")):
         probe = results[key]
         parts = "  ".join(f"{a} {probe[a]['accuracy']:.3f}" for a in ("shape", "color", "cell", "count"))

@@ -302,6 +302,17 @@ def test_sinusoidal_positions():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_sinusoidal_positions_2d_code_row_then_column():
+    got = np_(L.sinusoidal_positions_2d(2, 3, 8))  # a 2 x 3 grid, row-major
+    rows, cols = np_(L.sinusoidal_positions(2, 4)), np_(L.sinusoidal_positions(3, 4))
+    assert got.shape == (6, 8)
+    for r in range(2):
+        for c in range(3):
+            np.testing.assert_allclose(got[r * 3 + c], np.concatenate([rows[r], cols[c]]), atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        L.sinusoidal_positions_2d(2, 2, 6)
+
+
 def test_embeddings_and_tied_logits():
     ids = np.array([[1, 4, 2], [0, 3, 3]])
     emb = L.TokenEmbedding(5, 6, use_bias=True)

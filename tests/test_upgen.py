@@ -175,10 +175,16 @@ def test_modality_type_embeddings_distinguish_the_streams():
     image = np.asarray(model.embed(blank_image, IMAGE_ONLY))[0]  # [K, D]
     text = np.asarray(model.embed(blank_text, TEXT_ONLY))[0]  # [L, D]
     types = np.asarray(model.modality_embedding.embeddings)
-    # The same [MASK] token at the same position (each modality counts from 0): only the
+    scale = np.sqrt(model.cfg.width)
+    # The same [MASK] token: once the fixed positions are taken away, only the (scaled)
     # type embedding tells an image position from a text position.
-    np.testing.assert_allclose(image[:L] - text, np.broadcast_to(types[0] - types[1], text.shape), atol=1e-6)
-    assert np.abs(types[0] - types[1]).max() > 1e-3
+    image_content = image - np.asarray(model.positions(IMAGE_ONLY))
+    text_content = text - np.asarray(model.positions(TEXT_ONLY))
+    np.testing.assert_allclose(image_content[:L] - text_content,
+                               np.broadcast_to(scale * (types[0] - types[1]), text.shape), atol=1e-5)
+    # Token and type terms are on the sinusoids' scale (rms ~1 vs 0.71), not 35x below it.
+    assert 0.5 < np.sqrt(np.mean(image_content ** 2)) < 3.0
+    assert np.abs(types[0] - types[1]).max() * scale > 0.3
     # A stream's layout is the same wherever it occurs: text-only == the text of a pair.
     paired_ids, _ = model.sequence(blank_image, np.zeros((1, L), np.int32))
     text_ids, _ = model.sequence(None, np.zeros((1, L), np.int32))

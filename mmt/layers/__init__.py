@@ -23,6 +23,7 @@ from mmt.layers.embeddings import (
     ModalityEmbedding,
     TokenEmbedding,
     sinusoidal_positions,
+    sinusoidal_positions_2d,
 )
 from mmt.layers.heads import LogitsHead
 from mmt.layers.transformer import Mlp, TransformerBlock, TransformerStack
@@ -47,4 +48,5 @@ __all__ = [
     "padding_mask",
     "prefix_mask",
     "sinusoidal_positions",
+    "sinusoidal_positions_2d",
 ]

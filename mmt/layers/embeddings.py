@@ -46,6 +46,24 @@ def sinusoidal_positions(length: int, dim: int, max_timescale: float = 10_000.0)
     return ops.reshape(ops.stack([ops.sin(angles), ops.cos(angles)], axis=-1), (length, dim))
 
 
+def sinusoidal_positions_2d(height: int, width: int, dim: int, max_timescale: float = 10_000.0):
+    """Fixed 2-D sinusoidal positions of a row-major grid (MAE / M3AE's image patches).
+
+    The first `dim / 2` channels are `sinusoidal_positions` of the row, the rest of the
+    column, so neighbours in either direction have similar codes.
+
+    Returns:
+      float32 `[height * width, dim]` (`dim` must be divisible by 4).
+    """
+    if dim % 4:
+        raise ValueError(f"dim must be divisible by 4, got {dim}.")
+    rows = sinusoidal_positions(height, dim // 2, max_timescale)  # [h, D/2]
+    cols = sinusoidal_positions(width, dim // 2, max_timescale)  # [w, D/2]
+    rows = ops.repeat(rows, width, axis=0)  # [h*w, D/2]: row r for positions r*w .. r*w + w-1
+    cols = ops.tile(cols, (height, 1))  # [h*w, D/2]
+    return ops.concatenate([rows, cols], axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="mmt")
 class TokenEmbedding(_ShapeFreeLayer):
     """Token lookup with an `attend` method for weight-tied output logits.
@@ -228,4 +246,5 @@ __all__: Sequence[str] = (
     "ModalityEmbedding",
     "TokenEmbedding",
     "sinusoidal_positions",
+    "sinusoidal_positions_2d",
 )
