@@ -12,9 +12,9 @@ over one *union vocabulary*: image codes `[0, V_i)`, text ids shifted to
 `[V_i, V_i + V_t)`, and one [MASK] id `V_i + V_t` shared by both modalities. Positions
 are fixed sinusoids (UPGen App. A): 2-D over the image grid, half the channels for the
 row and half for the column (MAE and M3AE's image patches), 1-D over the text; the
-learned modality-type embedding (UPGen §3, from M3AE) tells the two apart. Text padding is an ordinary token: the model attends
-to it and, when masked, predicts it, which is how image-to-text decoding chooses the
-caption's length.
+learned modality-type embedding (UPGen §3, from M3AE) tells the two apart. Text
+padding is an ordinary token: the model attends to it and, when masked, predicts it,
+which is how image-to-text decoding chooses the caption's length.
 
 Scale: the sinusoids have unit amplitude (rms 0.71 per channel), so token and type
 embeddings are drawn from N(0, 1/D) and multiplied by sqrt(D) (Vaswani et al., 2017,
@@ -22,8 +22,8 @@ embeddings are drawn from N(0, 1/D) and multiplied by sqrt(D) (Vaswani et al., 2
 the position term is ~35x larger than the token and type terms, image and text position
 p look almost alike, and at the tiny scale the model learned to read the caption hardly
 at all (image-token CE with the image fully masked: 2.575 with the right caption, 2.625
-with none; README, "UPGen"). A full bidirectional `TransformerStack` (no attention mask) and a
-linear projection give logits over the whole union vocabulary.
+with none; README, "UPGen"). A full bidirectional `TransformerStack` (no attention
+mask) and a linear projection give logits over the whole union vocabulary.
 
 The masked-token objective (`upgen_task.py`) and the MaskGIT decoding in both directions
 (`upgen_inference.py`) are built from the pieces here.
