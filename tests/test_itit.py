@@ -68,6 +68,13 @@ def test_keep_order_drops_only_masked_tokens():
         assert not mask[row, order[row, : 16 - mask[row].sum()]].any()  # unmasked come first
 
 
+def test_mask_ratios_below_the_drop_ratio_are_refused_and_a_lower_drop_ratio_allows_them():
+    with pytest.raises(ValueError, match="mask_min = 0.25 is below the network's drop_ratio 0.5"):
+        ITITTask(network=NETWORK, mask_min=0.25)
+    task = ITITTask(network={**NETWORK, "drop_ratio": 0.25}, mask_min=0.25, i2t_mask_max=0.5)
+    assert task.model.num_dropped == 4  # a quarter of the 4 x 4 grid
+
+
 def test_image_decoder_restores_positions_whatever_the_kept_order():
     model = ITIT(**NETWORK)
     model.build_all()

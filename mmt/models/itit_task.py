@@ -60,6 +60,11 @@ class ITITTask(Task):
         if not (t2i or i2t or t2i2t != "off" or i2t2i != "off"):
             raise ValueError("ITITTask: every loss is switched off")
         self.model = ITIT(**dict(network or {}))
+        if mask_min < self.model.drop_ratio:
+            raise ValueError(
+                f"ITITTask.mask_min = {mask_min} is below the network's drop_ratio {self.model.drop_ratio}: the "
+                f"encoder drops {self.model.num_dropped} masked image tokens per example, so at least that share "
+                f"must be masked; lower ITITTask.network['drop_ratio'] or raise mask_min")
         self.t2i, self.i2t, self.i2i = t2i, i2t, i2i and i2t
         self.t2i2t, self.i2t2i = t2i2t, i2t2i
         self.cycle_start_step = int(cycle_start_step)
