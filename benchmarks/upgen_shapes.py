@@ -125,24 +125,21 @@ def caption_reliance(task, images, captions, batch_size: int = 64) -> dict:
     model = task.model
     tokens = image_tokenizer.encode(np.asarray(images, np.uint8)).reshape(len(images), -1)
     text = np.asarray(text_tokenizer.encode(list(captions), model.text_length), np.int32)
-    variants = {"right": text, "other": np.roll(text, 1, axis=0), "none": None}
+    k = model.num_image_tokens
     out = {}
-    for name, ids in variants.items():
-        total = 0.0
+    for name, ids, mask_text in (("right", text, False), ("other", np.roll(text, 1, axis=0), False),
+                                 ("none", text, True)):
+        total = count = 0.0
         for start in range(0, len(tokens), batch_size):
-            target = tokens[start:start + batch_size]
-            seq, modalities = model.sequence(ops.convert_to_tensor(target), ops.convert_to_tensor(
-                text[start:start + batch_size] if ids is None else ids[start:start + batch_size]))
-            seq = ops.convert_to_numpy(seq).copy()
-            k = model.num_image_tokens
-            seq[:, :k] = model.mask_id
-            if ids is None:
-                seq[:, k:] = model.mask_id
-            logits = np.asarray(ops.convert_to_numpy(model.logits(ops.convert_to_tensor(seq), modalities)))[:, :k]
-            logits = logits - logits.max(axis=-1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-            total += -np.take_along_axis(logp, target[..., None], axis=-1).sum()
-        out[name] = float(total / tokens.size)
+            seq, modalities = model.sequence(ops.convert_to_tensor(tokens[start:start + batch_size]),
+                                             ops.convert_to_tensor(ids[start:start + batch_size]))
+            mask = np.zeros(seq.shape, bool)
+            mask[:, :k] = True  # the image fully masked; "none" masks the caption too
+            mask[:, k:] = mask_text
+            (ce_sum, ce_count), _ = task.masked_losses(seq, ops.convert_to_tensor(mask), modalities,
+                                                       training=False)["image"]
+            total, count = total + float(ce_sum), count + float(ce_count)
+        out[name] = total / count
     return out
 
 
