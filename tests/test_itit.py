@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
+from mmt.models import itit_inference
 from mmt.models.itit import ITIT
 from mmt.models.itit_task import ITITTask
 from mmt.optimizers import Adafactor, Constant
@@ -90,6 +91,36 @@ def test_image_decoder_restores_positions_whatever_the_kept_order():
     # Kept tokens permute with their positions (attention is permutation-equivariant),
     # dropped positions get the mask token: the restored logits agree.
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_inference_drops_masked_tokens_while_every_row_has_enough_masked():
+    model = ITIT(**NETWORK)
+    model.build_all()
+    rng = np.random.default_rng(3)
+    text = ops.convert_to_tensor(np.array([[5, 6, 1, 0, 0, 0]] * 2, np.int32))
+    features, valid = model.encode_text(text)
+    logits_fn = itit_inference.image_logits_fn(model, text)
+    compiled = tf.function(logits_fn, jit_compile=True)
+
+    def reference(tokens, mask, drop):
+        order = model.keep_order(mask) if drop else None
+        z, z_valid = model.encode(model.embed_image(tokens, mask=mask, order=order), features, valid)
+        return np.asarray(model.image_logits(z, z_valid, order))
+
+    for masked_counts, drop in (((10, 12), True), ((10, 5), False)):  # num_dropped = 8 of 16
+        mask = np.zeros((2, 16), bool)
+        for row, count in enumerate(masked_counts):
+            mask[row, rng.permutation(16)[:count]] = True
+        tokens = np.where(mask, model.mask_id, rng.integers(0, 32, (2, 16))).astype(np.int32)
+        mask, tokens = ops.convert_to_tensor(mask), ops.convert_to_tensor(tokens)
+        expected = reference(tokens, mask, drop)
+        np.testing.assert_allclose(np.asarray(logits_fn(tokens)), expected, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(compiled(tokens)), expected, atol=1e-4)
+        if drop:  # the two encoder inputs do differ: the comparison can tell them apart
+            assert np.abs(reference(tokens, mask, False) - expected).max() > 1e-3
+    order = np.asarray(model.keep_order(mask))
+    assert (order == np.asarray(model.keep_order(mask))).all()  # fixed without a seed
+    assert np.asarray(mask)[0, order[0, 8:]].all()
 
 
 def test_git_mask_text_decoder_is_causal_and_sees_all_image_features():
@@ -261,7 +292,6 @@ def test_full_cycle_train_step_compiles_with_xla():
 
 
 def test_cached_captioning_equals_full_recomputation_and_beam_one_is_greedy():
-    from mmt.models import itit_inference
 
     task = _task()
     keras.utils.set_random_seed(3)

@@ -123,19 +123,24 @@ class ITIT(keras.Model):
         row = ops.concatenate([ops.full((1,), self.eos_id, "int32"), ops.full((self.text_length - 1,), self.pad_id, "int32")])
         return ops.tile(row[None], (batch_size, 1))
 
-    def keep_order(self, mask, seed):
+    def keep_order(self, mask, seed=None):
         """Which image positions enter the encoder, masked ones dropped first.
 
         Args:
           mask: bool [B, K], True where the token is masked; at least `num_dropped`
             per row (masking ratio >= drop_ratio).
-          seed: for the random order among masked tokens.
+          seed: for the random order among masked tokens; None (inference) uses a
+            fixed order that spreads the dropped positions over the grid.
 
         Returns:
           int32 [B, K]: a permutation of positions -- unmasked first, then masked in
           random order; the first `K - num_dropped` are kept.
         """
-        noise = seeds.uniform(ops.shape(mask), seed)
+        if seed is None:  # golden-ratio sequence: a fixed, evenly spread "random" order
+            positions = ops.cast(ops.arange(self.num_image_tokens), "float32")
+            noise = ops.broadcast_to((positions * 0.6180339887) % 1.0, ops.shape(mask))
+        else:
+            noise = seeds.uniform(ops.shape(mask), seed)
         key = noise + ops.where(mask, 0.0, -2.0)
         return ops.cast(ops.argsort(key, axis=-1), "int32")
 

@@ -13,30 +13,49 @@ from mmt.layers import padding_mask
 from mmt.sampling import autoregressive, parallel_decode
 
 
-def image_logits_fn(model, text_ids, training: bool = False):
+def image_logits_fn(model, text_ids, training: bool = False, drop_masked: bool = True):
     """`tokens int32 [B, K] -> logits [B, K, V_i]` conditioned on `text_ids` [B, L].
 
-    At inference the encoder sees all K positions in place ([MASK] where unknown).
+    While every row has at least `model.num_dropped` masked positions (the early steps
+    of parallel decoding), the encoder drops that many of them, as in training (the
+    masking ratio there is always >= drop_ratio), which also makes those steps cheaper;
+    afterwards -- or with `drop_masked=False` -- it sees all K positions in place,
+    [MASK] where unknown. The choice is a runtime `cond` with static shapes on both
+    sides, so it compiles inside the decoding loop.
     """
     features, valid = model.encode_text(text_ids, training=training)
 
+    def in_place(tokens, mask):
+        z, z_valid = model.encode(model.embed_image(tokens, mask=mask), features, valid, training=training)
+        return model.image_logits(z, z_valid, training=training)
+
+    def dropped(tokens, mask):
+        order = model.keep_order(mask)  # fixed order: decoding stays a function of its seed
+        z, z_valid = model.encode(model.embed_image(tokens, mask=mask, order=order), features, valid,
+                                  training=training)
+        return model.image_logits(z, z_valid, order, training=training)
+
     def logits_fn(tokens):
         mask = ops.equal(tokens, model.mask_id)
-        z, z_valid = model.encode(model.embed_image(ops.where(mask, 0, tokens), mask=mask), features, valid,
-                                  training=training)
-        return model.image_logits(z, z_valid, training=training)
+        tokens = ops.where(mask, 0, tokens)
+        if not drop_masked or model.num_dropped == 0:
+            return in_place(tokens, mask)
+        enough = ops.all(ops.sum(ops.cast(mask, "int32"), axis=-1) >= model.num_dropped)
+        return ops.cond(enough, lambda: dropped(tokens, mask), lambda: in_place(tokens, mask))
 
     return logits_fn
 
 
 def generate_images(model, text_ids, seed, *, num_steps: int = 24, guidance_scale: float = 2.0,
-                    choice_temperature: float = 32.0, schedule: str = "cosine", sampling_temperature: float = 1.0):
+                    choice_temperature: float = 32.0, schedule: str = "cosine", sampling_temperature: float = 1.0,
+                    drop_masked: bool = True):
     """Text -> image tokens by MaskGIT/Muse parallel decoding (ITIT App. B).
 
     Guidance `l = (1 + λ) l_c − λ l_u` with the unconditional logits from the empty
     caption (trained by the I2I loss); confidence noised by Gumbel noise of
     temperature t (paper: 24 steps, λ = 2.0, t = 32); tokens drawn from the guided logits
-    at `sampling_temperature` (1.0 as the paper; 0 takes the argmax).
+    at `sampling_temperature` (1.0 as the paper; 0 takes the argmax). `drop_masked`:
+    see `image_logits_fn`.
 
     Args:
       text_ids: int32 [B, L].
@@ -44,8 +63,8 @@ def generate_images(model, text_ids, seed, *, num_steps: int = 24, guidance_scal
       int32 [B, K] image tokens (reshape to the grid for the detokenizer).
     """
     batch = ops.shape(text_ids)[0]
-    cond = image_logits_fn(model, text_ids)
-    uncond = image_logits_fn(model, model.empty_text(batch)) if guidance_scale else None
+    cond = image_logits_fn(model, text_ids, drop_masked=drop_masked)
+    uncond = image_logits_fn(model, model.empty_text(batch), drop_masked=drop_masked) if guidance_scale else None
     start = ops.full((batch, model.num_image_tokens), model.mask_id, "int32")
     return parallel_decode.decode(cond, start, model.mask_id, num_steps, seed, schedule=schedule,
                                   choice_temperature=choice_temperature, guidance_scale=guidance_scale,
