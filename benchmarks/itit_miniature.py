@@ -14,6 +14,9 @@ shapes detector / parser (attribute accuracy, as the quickstart reports).
 Rows (ITIT Table 2): 3 paired only; 7 T2T + I2I baselines on the unpaired data; 10 half
 cycles; 14 full cycles. The figures are printed whatever they are: at this scale they
 say more about the tokenizer and the step budget than about the paper's claim.
+
+Measured (defaults, quickstart workdir of 2026-11-26; T2I / I2T attribute accuracy):
+row 3 39.5% / 47.8%, row 7 41.3% / 48.6%, row 10 48.6% / 54.5%, row 14 49.2% / 54.0%.
 """
 
 from __future__ import annotations
