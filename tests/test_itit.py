@@ -292,7 +292,6 @@ def test_full_cycle_train_step_compiles_with_xla():
 
 
 def test_cached_captioning_equals_full_recomputation_and_beam_one_is_greedy():
-
     task = _task()
     keras.utils.set_random_seed(3)
     for v in task.model.trainable_variables:  # larger weights: distinct, non-trivial captions

@@ -25,23 +25,19 @@ def image_logits_fn(model, text_ids, training: bool = False, drop_masked: bool =
     """
     features, valid = model.encode_text(text_ids, training=training)
 
-    def in_place(tokens, mask):
-        z, z_valid = model.encode(model.embed_image(tokens, mask=mask), features, valid, training=training)
-        return model.image_logits(z, z_valid, training=training)
-
-    def dropped(tokens, mask):
-        order = model.keep_order(mask)  # fixed order: decoding stays a function of its seed
+    def logits_at(tokens, mask, order=None):
         z, z_valid = model.encode(model.embed_image(tokens, mask=mask, order=order), features, valid,
                                   training=training)
         return model.image_logits(z, z_valid, order, training=training)
 
     def logits_fn(tokens):
-        mask = ops.equal(tokens, model.mask_id)
-        tokens = ops.where(mask, 0, tokens)
+        mask = ops.equal(tokens, model.mask_id)  # embed_image gives these the [MASK] embedding
         if not drop_masked or model.num_dropped == 0:
-            return in_place(tokens, mask)
+            return logits_at(tokens, mask)
         enough = ops.all(ops.sum(ops.cast(mask, "int32"), axis=-1) >= model.num_dropped)
-        return ops.cond(enough, lambda: dropped(tokens, mask), lambda: in_place(tokens, mask))
+        # keep_order without a seed: a fixed order, so decoding stays a function of its seed.
+        return ops.cond(enough, lambda: logits_at(tokens, mask, model.keep_order(mask)),
+                        lambda: logits_at(tokens, mask))
 
     return logits_fn
 
