@@ -319,3 +319,48 @@ def test_one_compiled_step_per_cycle_phase():
     assert sorted(trainer._step_fns) == [0, 1]
     assert float(first["loss/t2i2t"]) == 0.0 and float(first["loss/i2t2i"]) == 0.0
     assert float(second["loss/t2i2t"]) > 0.0 and float(third["loss/i2t2i"]) > 0.0
+
+
+def test_t5_preset_on_disk_is_the_frozen_text_encoder(tmp_path):
+    """ITIT §4.1: a keras-hub T5 preset from a local directory embeds the text, frozen."""
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    t5 = keras_hub.models.T5Backbone(vocabulary_size=40, num_layers=2, num_heads=2, hidden_dim=16,
+                                     intermediate_dim=24, key_value_dim=8, dropout=0.0)
+    preset = tmp_path / "t5_preset"
+    t5.save_to_preset(str(preset))
+    network = {**NETWORK, "text_vocab_size": 999, "text_encoder": str(preset)}
+    trainer = Trainer(task=functools.partial(ITITTask, network=network, cycle_start_step=0, synthesis_steps=2,
+                                             t2i2t="full", i2t2i="full"),
+                      streams={}, train_steps=2, mode="graph",
+                      optimizer=functools.partial(Adafactor, learning_rate=Constant(1e-2)))
+    trainer.build()
+    m = trainer.task.model
+    assert m.text_vocab_size == 40  # the preset's vocabulary, whatever the binding said
+    assert m.text_encoder.output_dim == 16
+
+    # The encoder's features are T5's own encoder output at the text positions.
+    ids = _batch()["paired"]["text_ids"]
+    valid = ids != 0
+    features, got_valid = m.encode_text(ops.convert_to_tensor(ids))
+    reference = t5({"encoder_token_ids": ids, "encoder_padding_mask": valid,
+                    "decoder_token_ids": ids[:, :1], "decoder_padding_mask": valid[:, :1]})["encoder_sequence_output"]
+    np.testing.assert_array_equal(np.asarray(got_valid), valid)
+    np.testing.assert_allclose(np.asarray(features)[valid], np.asarray(reference)[valid], rtol=1e-5, atol=1e-5)
+    # The soft path (I2T2I's straight-through caption) reads the same table.
+    soft, _ = m.encode_soft_text(ops.one_hot(ids, 40), ops.convert_to_tensor(valid))
+    np.testing.assert_allclose(np.asarray(soft)[valid], np.asarray(reference)[valid], rtol=1e-5, atol=1e-5)
+
+    # Frozen: no T5 weight is trainable, and training steps leave every one of them as it was.
+    t5_weights = m.text_encoder.backbone.weights
+    assert not {id(v) for v in t5_weights} & {id(v) for v in m.trainable_variables}
+    before = [np.array(v) for v in t5_weights]
+    others = [np.array(v) for v in m.trainable_variables]
+    for _ in range(2):
+        metrics, applied = trainer.train_step(tf.nest.map_structure(tf.constant, _batch()))
+        assert bool(applied)
+    assert {"loss/t2i2t", "loss/i2t2i"} <= set(metrics)
+    for a, v in zip(before, t5_weights):
+        np.testing.assert_array_equal(a, np.array(v))
+    assert any(not np.array_equal(a, np.array(v)) for a, v in zip(others, m.trainable_variables))

@@ -41,6 +41,19 @@ def test_quickstart_tiny_end_to_end(tmp_path):
     assert Image.open(workdir / "generated.png").width > 32
     assert (workdir / "operative_config.gin").read_text().count("quickstart.eval_examples = 4") == 1
 
+    # `mmt.generate` on the trained ITIT: an image from a prompt, a caption from an image.
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(next(iter(shapes.generate(shapes.ShapesConfig(resolution=32), "eval", 1))).image).save(image_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "mmt.generate", f"--workdir={workdir / 'itit'}", "--prompt=a red circle",
+         f"--image={image_path}", "--num_steps=3", "--beam_size=2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = workdir / "itit" / "generated"
+    assert Image.open(out / "000_a_red_circle.png").size == (32, 32)
+    assert json.loads((out / "captions.json").read_text()).keys() == {str(image_path)}
+
 
 def test_quickstart_data_stages(tmp_path):
     workdir = tmp_path / "qs"
