@@ -259,20 +259,49 @@ def test_t2i_loss_xla_equals_eager():
     assert compiled == pytest.approx(eager, rel=1e-5)
 
 
+def _itit_parameters(c, vocab, codes, t5_width, text_length, k):
+    """ITIT's trainable parameters (T5 and the VQ tokenizer excluded) for the `ITITSize` c."""
+    d, e = c.encoder_width, c.decoder_width
+    block = lambda w: 12 * w * w + 13 * w  # qkv/out/mlp kernels and biases, two LayerNorms
+    total = (codes + 1) * d + k * d + (t5_width + 1) * d + c.encoder_depth * block(d) + 2 * d
+    total += (d + 1) * e + k * e + c.image_decoder_depth * block(e) + 2 * e + (e + 1) * codes + e
+    total += (d + 1) * e + vocab * e + vocab + text_length * e + c.text_decoder_depth * block(e) + 2 * e
+    return total
+
+
+def _t5_preset(directory, hidden_dim=16):
+    """A tiny random keras-hub T5 preset (vocabulary 40) saved to `directory`."""
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    t5 = keras_hub.models.T5Backbone(vocabulary_size=40, num_layers=2, num_heads=2, hidden_dim=hidden_dim,
+                                     intermediate_dim=24, key_value_dim=8, dropout=0.0)
+    t5.save_to_preset(str(directory))
+    return t5
+
+
+def test_parameter_formula_counts_the_built_network(tmp_path):
+    # The formula below gives Table 1's totals; here it must match a built network with
+    # B's widths (one block per stack, to stay small) and a T5 preset as the text encoder.
+    from mmt.models.variants import itit_size
+
+    overrides = {"encoder_depth": 1, "image_decoder_depth": 1, "text_decoder_depth": 1}
+    _t5_preset(tmp_path / "t5", hidden_dim=24)
+    m = ITIT(size="B", image_vocab_size=64, grid=(4, 4), text_length=8, text_encoder=str(tmp_path / "t5"),
+             size_overrides=overrides)
+    m.build_all()
+    built = sum(int(np.prod(v.shape)) for v in m.trainable_variables)
+    assert built == _itit_parameters(itit_size("B", **overrides), vocab=40, codes=64, t5_width=24, text_length=8,
+                                     k=16)
+
+
 def test_paper_sizes_have_the_papers_parameter_counts():
     from mmt.models.variants import ITIT_SIZES
 
-    def count(size, vocab=32128, codes=8192, t5_width=4096, text_length=64, k=256):
-        c = ITIT_SIZES[size]
-        d, e = c.encoder_width, c.decoder_width
-        block = lambda w: 12 * w * w + 13 * w  # qkv/out/mlp kernels and biases, two LayerNorms
-        total = (codes + 1) * d + k * d + (t5_width + 1) * d + c.encoder_depth * block(d) + 2 * d
-        total += (d + 1) * e + k * e + c.image_decoder_depth * block(e) + 2 * e + (e + 1) * codes + e
-        total += (d + 1) * e + vocab * e + vocab + text_length * e + c.text_decoder_depth * block(e) + 2 * e
-        return total / 1e6
-
     for size, paper in (("B", 221), ("L", 487), ("H", 868)):
-        assert abs(count(size) - paper) / paper < 0.05, (size, count(size))
+        total = _itit_parameters(ITIT_SIZES[size], vocab=32128, codes=8192, t5_width=4096, text_length=64,
+                                 k=256) / 1e6
+        assert abs(total - paper) / paper < 0.05, (size, total)
 
 
 @pytest.mark.slow
@@ -323,13 +352,8 @@ def test_one_compiled_step_per_cycle_phase():
 
 def test_t5_preset_on_disk_is_the_frozen_text_encoder(tmp_path):
     """ITIT §4.1: a keras-hub T5 preset from a local directory embeds the text, frozen."""
-    import keras_hub
-
-    keras.utils.set_random_seed(0)
-    t5 = keras_hub.models.T5Backbone(vocabulary_size=40, num_layers=2, num_heads=2, hidden_dim=16,
-                                     intermediate_dim=24, key_value_dim=8, dropout=0.0)
     preset = tmp_path / "t5_preset"
-    t5.save_to_preset(str(preset))
+    t5 = _t5_preset(preset)
     network = {**NETWORK, "text_vocab_size": 999, "text_encoder": str(preset)}
     trainer = Trainer(task=functools.partial(ITITTask, network=network, cycle_start_step=0, synthesis_steps=2,
                                              t2i2t="full", i2t2i="full"),
