@@ -43,7 +43,7 @@ def test_quickstart_tiny_end_to_end(tmp_path):
 
     # `mmt.generate` on the trained ITIT: an image from a prompt, a caption from an image.
     image_path = tmp_path / "scene.png"
-    Image.fromarray(next(iter(shapes.generate(shapes.ShapesConfig(resolution=32), "eval", 1))).image).save(image_path)
+    Image.fromarray(next(shapes.generate(shapes.ShapesConfig(resolution=32), "eval", 1)).image).save(image_path)
     result = subprocess.run(
         [sys.executable, "-m", "mmt.generate", f"--workdir={workdir / 'itit'}", "--prompt=a red circle",
          f"--image={image_path}", "--num_steps=3", "--beam_size=2"],
