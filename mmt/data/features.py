@@ -181,7 +181,9 @@ def encode_example(
             f"record {key!r}: no image_tokens, image_encoded, caption or text_ids; a record "
             "needs at least one modality"
         )
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic=True: protobuf writes map fields (the feature map) in a per-process
+    # hash order otherwise, so two runs over the same inputs would write different bytes.
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def decode_example(serialized: bytes) -> dict[str, Any]:
