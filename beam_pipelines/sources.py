@@ -17,7 +17,8 @@ input. A header-less TSV (CC3M, CC12M) takes `--columns=caption,url`.
 
 Image paths in rows are untrusted like URLs: relative paths resolve against
 `--image_dir` (default: the corpus file's folder), and a path that leaves it
-(`../../etc/passwd`, another bucket) is refused (`path_refused`). URLs are kept for the
+(`../../etc/passwd`, another bucket, a symlink to a file elsewhere) is refused
+(`path_refused`); local paths are checked after resolving symlinks. URLs are kept for the
 fetch stage, which applies the network policy.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import posixpath
 import tarfile
 from typing import Iterator
@@ -82,7 +84,25 @@ def resolve_image_ref(ref: str, base: str) -> tuple[str | None, str, str]:
     normal = scheme + separator + posixpath.normpath(rest)
     if not normal.startswith(base):
         return None, "path_refused", f"{ref[:120]!r} lies outside the image directory {base}"
+    if not separator:
+        return _resolve_local(normal, base, ref)
     return normal, "", ""
+
+
+def _resolve_local(path: str, base: str, ref: str) -> tuple[str | None, str, str]:
+    """`path` with its symlinks resolved, refused when that leaves the resolved `base`.
+
+    A name inside the image directory may be a symlink to any file the worker can
+    read (issue 17 item 8); only the resolved path says where a read would go. The
+    resolved path is what the load stage reads, so the file checked is the file read.
+    (Object stores have no symlinks: remote paths need only the check above.)
+    """
+    real_base = os.path.realpath(base)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_base, real]) != real_base:
+        return None, "path_refused", (f"{ref[:120]!r} resolves (through a symlink) to {real[:120]!r}, "
+                                      f"outside the image directory {base}")
+    return real, "", ""
 
 
 def _printable(text: str) -> str:

@@ -174,6 +174,40 @@ def test_resolve_image_ref():
     assert sources.glob_base("/data/file.tsv") == "/data/"
 
 
+def test_symlink_leaving_the_image_directory_is_refused(tmp_path):
+    """Issue 17 item 8: the inside-`--image_dir` check is on the resolved path."""
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    (images / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"not for the corpus")
+    (images / "ok.jpg").write_bytes(b"inside")
+    (images / "escape.jpg").symlink_to(outside / "secret.jpg")
+    (images / "sub" / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (images / "alias.jpg").symlink_to(images / "ok.jpg")  # a link that stays inside is fine
+    base = str(images)
+    ref, reason, detail = sources.resolve_image_ref("escape.jpg", base)
+    assert (ref, reason) == (None, "path_refused") and str(outside / "secret.jpg") in detail
+    assert sources.resolve_image_ref("sub/linked_dir/secret.jpg", base)[1] == "path_refused"
+    assert sources.resolve_image_ref(str(images / "escape.jpg"), base)[1] == "path_refused"
+    assert sources.resolve_image_ref("alias.jpg", base) == (str(images / "ok.jpg"), "", "")
+    assert sources.resolve_image_ref("missing.jpg", base) == (str(images / "missing.jpg"), "", "")
+
+    (tmp_path / "c.tsv").write_text("a\tok.jpg\nb\tescape.jpg\nc\tsub/linked_dir/secret.jpg\n")
+    c = config(source="tsv", input=str(tmp_path / "c.tsv"), columns=("caption", "url"), image_dir=base)
+    p = test_pipeline.TestPipeline(options=OPTIONS)
+    out = p | sources.ReadCorpus(c)
+    assert_that(out["items"] | beam.Map(lambda it: (it.key, it.image_ref)),
+                equal_to([("c.tsv:1", str(images / "ok.jpg"))]), label="items")
+    assert_that(out["dropped"] | beam.Map(lambda d: (d.key, d.stage, d.reason)),
+                equal_to([("c.tsv:2", "read", "path_refused"), ("c.tsv:3", "read", "path_refused")]),
+                label="drops")
+    result = p.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query(
+        MetricsFilter().with_namespace(items_module.COUNTER_NAMESPACE))["counters"]}
+    assert counters["dead_letter/read/path_refused"] == 2
+
+
 # -- stages that choose between records ------------------------------------------------
 
 
