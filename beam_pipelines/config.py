@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_private_urls", action="store_true",
                    help="allow loopback / private / link-local addresses (trusted local corpora only)")
     g.add_argument("--allowed_url_networks", type=fetch.parse_networks, default=(),
-                   help="comma-separated CIDR networks admitted although not public")
+                   help="comma-separated CIDR networks: the only ones admitted, public or not "
+                   "(not with --allow_private_urls)")
     g = p.add_argument_group("shapes")
     g.add_argument("--num_examples", type=int, default=d["num_examples"].default)
     g.add_argument("--shapes_resolution", type=int, default=d["shapes_resolution"].default)

@@ -8,8 +8,9 @@ request with its own network position. So, by default, `Fetcher`:
 * accepts only `http` and `https` URLs;
 * resolves the host name itself and checks EVERY resolved address: loopback,
   link-local (the metadata server), private, shared (CGNAT), multicast, reserved and
-  unspecified addresses are refused, also when written as IPv4-mapped or 6to4 IPv6,
-  or in decimal / octal / hex notation (the check is on the resolved address);
+  unspecified addresses are refused, also when written as IPv4-mapped, NAT64
+  (`64:ff9b::/96`), 6to4 or Teredo IPv6, or in decimal / octal / hex notation (the
+  check is on the resolved address);
 * connects to the address it checked -- not to the host name again -- so a DNS answer
   that changes between check and connect (rebinding) cannot slip through; TLS still
   verifies the certificate against the host name (SNI);
@@ -23,7 +24,9 @@ request with its own network position. So, by default, `Fetcher`:
 
 Errors are `FetchError(reason, detail)`; `detail` holds status codes, sizes and content
 types, never the response body. `allow_private` lifts the address checks (local
-corpora, tests); `allowed_networks` admits only the listed networks (CIDR).
+corpora); `allowed_networks` replaces them: an address is admitted only when it lies in
+one of the listed networks (CIDR), public or not -- a test server on `127.0.0.1/32`, or
+a corpus that must only reach its own image hosts. The two cannot be combined.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ class FetchConfig:
       max_bytes: larger responses are refused (`too_large`).
       max_redirects: most redirect hops followed (each one re-checked).
       allow_private: lift the address checks (trusted, local corpora only).
-      allowed_networks: CIDR networks admitted although not public
-        (e.g. `127.0.0.1/32` for a test server); everything else is still checked.
+      allowed_networks: when given, the only CIDR networks admitted (e.g.
+        `127.0.0.1/32` for a test server); every other address is refused, public
+        or not.
       user_agent: the User-Agent header.
     """
 
@@ -77,6 +81,10 @@ class FetchConfig:
     def __post_init__(self):
         for network in self.allowed_networks:
             ipaddress.ip_network(network, strict=False)  # ValueError names a bad CIDR
+        if self.allowed_networks and self.allow_private:
+            # Which would win is a guess either way; an allow-list is meant to be the whole policy.
+            raise ValueError("--allow_private_urls and --allowed_url_networks cannot be combined: "
+                             "the networks listed are then the only ones admitted")
         if self.max_bytes < 1 or self.max_redirects < 0 or self.retries < 0:
             raise ValueError("max_bytes must be positive, max_redirects and retries non-negative")
 
@@ -98,23 +106,47 @@ class FetchResult:
     final_url: str
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix
+
+
+def reached_addresses(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list:
+    """The addresses a connection to `ip` reaches, each of which the policy must admit.
+
+    IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`, translated by a NAT64
+    gateway) addresses are another spelling of their IPv4 address: judged by it alone,
+    so `64:ff9b::a9fe:a9fe` counts as the metadata server and a public IPv4 host stays
+    reachable from an IPv6-only worker. 6to4 and Teredo addresses are IPv6 hosts behind
+    an IPv4 one: both must pass.
+    """
+    if ip.version == 4:
+        return [ip]
+    if ip.ipv4_mapped:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    return [ip] + [a for a in (ip.sixtofour, ip.teredo and ip.teredo[1]) if a]
+
+
 def address_refusal(address: str, config: FetchConfig) -> str | None:
     """Why `address` (an IP literal) may not be contacted, or None when it may."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 scope id
-    if any(ip in ipaddress.ip_network(n, strict=False) for n in config.allowed_networks):
-        return None
+    candidates = reached_addresses(ip)
+    if config.allowed_networks:
+        networks = [ipaddress.ip_network(n, strict=False) for n in config.allowed_networks]
+        # Everything reached must be listed: `::ffff:127.0.0.1` passes `127.0.0.1/32`, and
+        # listing `2002::/16` does not admit the 6to4 form of the metadata server.
+        if all(any(c in network for network in networks) for c in candidates):
+            return None
+        return f"{address} is not in --allowed_url_networks ({', '.join(config.allowed_networks)})"
     if config.allow_private:
         return None
-    candidates = [ip]
-    if ip.version == 6:
-        # IPv6 forms that carry an IPv4 address reach that address.
-        candidates += [a for a in (ip.ipv4_mapped, ip.sixtofour, ip.teredo and ip.teredo[1]) if a]
     for candidate in candidates:
+        name = address if candidate == ip else f"{address} ({candidate})"
         for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
             if getattr(candidate, f"is_{kind}"):
-                return f"{address} is a {kind.replace('_', '-')} address"
+                return f"{name} is a {kind.replace('_', '-')} address"
         if not candidate.is_global:
-            return f"{address} is not a public address"
+            return f"{name} is not a public address"
     return None
 
 
@@ -159,12 +191,17 @@ class Fetcher:
       config: timeouts, retries, caps and the address policy.
       resolver: `(host, port) -> [ip, ...]`; tests substitute a fake DNS.
       connector: `((ip, port), timeout) -> socket`; only ever called with a checked IP.
+      clock: monotonic seconds (deadlines); sleep: waits between attempts. Tests pass
+        fakes, so deadlines and backoff are checked without measuring wall-clock time.
     """
 
-    def __init__(self, config: FetchConfig, resolver: Callable | None = None, connector: Callable | None = None):
+    def __init__(self, config: FetchConfig, resolver: Callable | None = None, connector: Callable | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.config = config
         self._resolve = resolver or _default_resolver
         self._connect = connector or _default_connector
+        self._clock = clock
+        self._sleep = sleep
 
     def fetch(self, url: str) -> FetchResult:
         """The image at `url`; raises `FetchError` after the last failed attempt."""
@@ -176,13 +213,13 @@ class Fetcher:
                 if not error.retryable or attempt >= self.config.retries:
                     raise
             delay = self.config.backoff * (2**attempt) * (0.5 + random.random())
-            time.sleep(min(delay, 30.0))
+            self._sleep(min(delay, 30.0))
             attempt += 1
 
     # -- one attempt, all redirect hops -----------------------------------------------
 
     def _attempt(self, url: str) -> FetchResult:
-        deadline = time.monotonic() + self.config.total_timeout
+        deadline = self._clock() + self.config.total_timeout
         for _ in range(self.config.max_redirects + 1):
             status, headers, body_or_location = self._request(url, deadline)
             if status in _REDIRECTS:
@@ -231,7 +268,7 @@ class Fetcher:
         connection_class = _PinnedTLSConnection if scheme == "https" else _PinnedConnection
         last_error: Exception | None = None
         for address in addresses:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._clock()
             if remaining <= 0:
                 break
             connection = connection_class(
@@ -261,7 +298,7 @@ class Fetcher:
             except OSError:
                 pass
 
-        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), shut)
+        watchdog = threading.Timer(max(0.0, deadline - self._clock()), shut)
         watchdog.daemon = True
         watchdog.start()
         response = None

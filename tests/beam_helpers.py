@@ -133,18 +133,25 @@ def poisoned_corpus(root: Path) -> dict[str, tuple[str, str] | None]:
 
 
 class Route:
-    def __init__(self, status=200, body=b"", content_type="image/png", delay=0.0, location=None, length=None,
+    """One canned response.
+
+    `hold`: a `threading.Event` the handler waits for before answering (the test sets it
+    when done), so "the client gave up first" is known from events, not from timing.
+    `trickle`: seconds between single bytes of the body.
+    """
+
+    def __init__(self, status=200, body=b"", content_type="image/png", hold=None, location=None, length=None,
                  trickle=0.0):
         self.status, self.body, self.content_type = status, body, content_type
-        self.delay, self.location, self.length, self.trickle = delay, location, length, trickle
+        self.hold, self.location, self.length, self.trickle = hold, location, length, trickle
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self.server.hits.append(self.path)
         route = self.server.routes.get(self.path, Route(404, b"not found", "text/plain"))
-        if route.delay:
-            time.sleep(route.delay)
+        if route.hold is not None:
+            route.hold.wait(timeout=60)  # a bound, so a broken test cannot hang the suite
         try:
             self.send_response(route.status)
             if route.location:
@@ -160,8 +167,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     time.sleep(route.trickle)
             else:
                 self.wfile.write(route.body)
-        except OSError:
-            pass  # the client gave up (timeouts)
+        except OSError:  # the client gave up (timeouts)
+            self.server.gone.append(self.path)
+            self.server.client_gone.set()
 
     def log_message(self, *args):
         pass
@@ -174,6 +182,8 @@ def http_server(host: str = "127.0.0.1", routes: dict | None = None):
     server.daemon_threads = True
     server.routes = dict(routes or {})
     server.hits = []
+    server.gone = []  # paths whose client disconnected before the whole response was sent
+    server.client_gone = threading.Event()
     server.url = lambda path: f"http://{host}:{server.server_address[1]}{path}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

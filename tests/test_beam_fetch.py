@@ -4,6 +4,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -15,11 +16,11 @@ PNG = h.encode(h.smooth_image(0), "PNG")
 LOCAL = ("127.0.0.1/32",)  # only the test server's address is admitted
 
 
-def fetcher(connector=None, resolver=None, **overrides) -> Fetcher:
+def fetcher(connector=None, resolver=None, clock=time.monotonic, sleep=time.sleep, **overrides) -> Fetcher:
     settings = dict(connect_timeout=1.0, read_timeout=1.0, total_timeout=1.5, retries=0, backoff=0.01,
                     allowed_networks=LOCAL)
     settings.update(overrides)
-    return Fetcher(FetchConfig(**settings), resolver=resolver, connector=connector)
+    return Fetcher(FetchConfig(**settings), resolver=resolver, connector=connector, clock=clock, sleep=sleep)
 
 
 def reason(f: Fetcher, url: str) -> FetchError:
@@ -41,19 +42,23 @@ class Recorder:
 
 @pytest.fixture
 def server():
+    release = threading.Event()  # "/slow.png" answers only once the test is over
     with h.http_server("127.0.0.1") as s:
         s.routes.update({
             "/ok.png": h.Route(body=PNG),
             "/octet": h.Route(body=PNG, content_type="application/octet-stream"),
             "/page.html": h.Route(body=b"<html>secret page body</html>", content_type="text/html"),
-            "/slow.png": h.Route(body=PNG, delay=6.0),
-            "/trickle.png": h.Route(body=PNG[:40], trickle=0.1),
+            "/slow.png": h.Route(body=PNG, hold=release),
+            "/trickle.png": h.Route(body=b"x" * 2000, trickle=0.05),  # 100 s to send in full
             "/big.png": h.Route(body=b"x" * 5000),
             "/stream.png": h.Route(body=b"x" * 5000, length=-1),
             "/short.png": h.Route(body=b"x" * 10, length=100),
             "/flaky": h.Route(503, b"busy", "text/plain"),
         })
-        yield s
+        try:
+            yield s
+        finally:
+            release.set()
 
 
 def test_good_image(server):
@@ -69,23 +74,45 @@ def test_404_is_not_retried(server):
 
 
 def test_5xx_is_retried_with_backoff(server):
-    error = reason(fetcher(retries=2, backoff=0.01), server.url("/flaky"))
+    waits = []  # a fake sleep: the backoff is checked, not waited for
+    error = reason(fetcher(retries=2, backoff=0.5, sleep=waits.append), server.url("/flaky"))
     assert error.reason == "http_error" and error.detail == "HTTP 503"
     assert server.hits == ["/flaky"] * 3
+    # backoff * 2**attempt, times a jitter factor in [0.5, 1.5)
+    assert len(waits) == 2 and 0.25 <= waits[0] < 0.75 and 0.5 <= waits[1] < 1.5
 
 
 def test_slow_response_times_out(server):
-    start = time.monotonic()
+    # The server answers only after the test ends, so a returned error is the client giving up.
     error = reason(fetcher(read_timeout=0.5, total_timeout=0.8), server.url("/slow.png"))
-    assert error.reason == "timeout"
-    assert time.monotonic() - start < 4.0  # far below the server's 6 s delay, with room for a loaded CI
+    assert error.reason == "timeout" and "read timeout 0.5 s" in error.detail
+    assert server.hits == ["/slow.png"]
 
 
 def test_trickling_response_hits_the_total_deadline(server):
-    start = time.monotonic()
+    # One byte every 0.05 s never trips the 1 s read timeout; only the 0.8 s deadline can end it.
     error = reason(fetcher(read_timeout=1.0, total_timeout=0.8), server.url("/trickle.png"))
     assert error.reason == "timeout"
-    assert time.monotonic() - start < 3.0  # the whole body takes 4 s
+    assert server.client_gone.wait(timeout=30), "the client never closed the connection"
+    assert server.gone == ["/trickle.png"]
+
+
+def test_deadline_covers_every_address_with_a_fake_clock():
+    """The per-attempt deadline (1.5 s) bounds each connect and the attempts together."""
+    now = [0.0]
+    tried = []
+
+    def refusing(address, timeout):  # no traffic: every connect "takes" 1 s and fails
+        tried.append((address[0], timeout))
+        now[0] += 1.0
+        raise ConnectionRefusedError("refused")
+
+    addresses = ["192.0.2.1", "192.0.2.2", "192.0.2.3"]  # TEST-NET-1, never contacted
+    f = fetcher(connector=refusing, resolver=lambda host, port: addresses, allowed_networks=("192.0.2.0/24",),
+                clock=lambda: now[0])
+    error = reason(f, "http://images.example.com/a.jpg")
+    assert error.reason == "connection_error"
+    assert tried == [("192.0.2.1", 1.0), ("192.0.2.2", 0.5)]  # the third is past the deadline
 
 
 def test_non_image_body_never_in_the_error(server):
@@ -127,7 +154,7 @@ def test_redirect_to_another_loopback_address_refused_and_never_reached(server):
         assert error.reason == "url_refused"
         assert inner.hits == []
         # Allowed explicitly, the same redirect goes through.
-        assert fetcher(allow_private=True).fetch(server.url("/evil")).data == PNG
+        assert fetcher(allow_private=True, allowed_networks=()).fetch(server.url("/evil")).data == PNG
         assert inner.hits == ["/x.png"]
 
 
@@ -146,6 +173,9 @@ def test_redirect_to_another_loopback_address_refused_and_never_reached(server):
     "http://[::1]/x.png",
     "http://[fe80::1]/x.png",
     "http://[fd00::1]/x.png",
+    "http://[64:ff9b::a9fe:a9fe]/",  # NAT64 of 169.254.169.254
+    "http://[64:ff9b::10.1.2.3]/x.png",  # NAT64 of a private address
+    "http://[::ffff:10.1.2.3]/x.png",
 ])
 def test_private_addresses_refused_before_connecting(url):
     recorder = Recorder()
@@ -196,6 +226,34 @@ def test_address_policy():
     assert address_refusal("127.0.0.2", FetchConfig(allowed_networks=LOCAL))
     with pytest.raises(ValueError):
         FetchConfig(allowed_networks=("not-a-network",))
+
+
+def test_nat64_is_judged_by_the_ipv4_address_it_wraps():
+    config = FetchConfig()
+    assert "169.254.169.254) is a link-local" in address_refusal("64:ff9b::a9fe:a9fe", config)
+    assert "private" in address_refusal("64:ff9b::a00:1", config)  # 10.0.0.1
+    assert address_refusal("64:ff9b::5db8:d822", config) is None  # 93.184.216.34, public
+    assert address_refusal("::ffff:93.184.216.34", config) is None
+
+
+def test_allowed_networks_admit_only_the_listed_networks():
+    """Issue 17 item 10: an allow-list is the whole policy; public addresses outside it are refused."""
+    only_local = FetchConfig(allowed_networks=LOCAL)
+    assert "not in --allowed_url_networks" in address_refusal("93.184.216.34", only_local)
+    assert address_refusal("2606:2800:220:1:248:1893:25c8:1946", only_local)
+    assert address_refusal("::ffff:127.0.0.1", only_local) is None  # the same host, spelt in IPv6
+    assert address_refusal("64:ff9b::7f00:1", only_local) is None
+    # Listing all of 6to4 does not admit the 6to4 form of the metadata server.
+    assert address_refusal("2002:a9fe:a9fe::1", FetchConfig(allowed_networks=("2002::/16",)))
+    assert address_refusal("2002:5db8:d822::1", FetchConfig(allowed_networks=("2002::/16", "93.184.216.0/24"))) \
+        is None
+    recorder = Recorder()
+    public = fetcher(connector=recorder, resolver=lambda host, port: ["93.184.216.34"])
+    error = reason(public, "http://images.example.com/a.jpg")
+    assert error.reason == "url_refused" and "93.184.216.34" in error.detail
+    assert recorder.addresses == []
+    with pytest.raises(ValueError, match="cannot be combined"):
+        FetchConfig(allow_private=True, allowed_networks=LOCAL)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")

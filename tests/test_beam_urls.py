@@ -2,6 +2,7 @@
 
 import json
 import socket
+import threading
 
 import pytest
 
@@ -28,13 +29,14 @@ def connections(monkeypatch):
 def test_url_corpus(tmp_path, connections):
     h.make_tokenizer(tmp_path / "tok")
     h.make_vocab(tmp_path / "spm.model")
+    release = threading.Event()
     with h.http_server("127.0.0.1") as server, h.http_server("127.0.0.2") as inner:
         server.routes.update({
             "/a.png": h.Route(body=h.encode(h.smooth_image(1), "PNG")),
             "/b.jpg": h.Route(body=h.encode(h.smooth_image(2), "JPEG"), content_type="image/jpeg"),
             "/c.png": h.Route(body=h.encode(h.smooth_image(3), "PNG")),
             "/hop": h.Route(302, location="/c.png", content_type="text/plain"),
-            "/slow.png": h.Route(body=b"late", delay=8.0),
+            "/slow.png": h.Route(body=b"late", hold=release),  # answers after the run
             "/page.html": h.Route(body=b"<html>SECRET-BODY</html>", content_type="text/html"),
             "/evil": h.Route(302, location="http://169.254.169.254/latest/meta-data/iam/", content_type="text/plain"),
             "/inner": h.Route(302, location=inner.url("/x.png"), content_type="text/plain"),
@@ -61,6 +63,7 @@ def test_url_corpus(tmp_path, connections):
             f"--text_vocab={tmp_path / 'spm.model'}", "--num_shards=2", "--min_image_side=16",
             "--allowed_url_networks=127.0.0.1/32", "--fetch_timeout=3.0", "--fetch_read_timeout=2.0",
             "--fetch_retries=0", *h.beam_args()])
+        release.set()
         assert inner.hits == []
     assert not set(connections) & set(FORBIDDEN), connections
     assert stats["inputs"] == len(rows) and stats["written"] == 3
