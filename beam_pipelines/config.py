@@ -1,7 +1,10 @@
 """The tokenize pipeline's settings: one frozen dataclass, and the flags that fill it.
 
 Flags that are not ours (`--runner`, `--project`, `--direct_running_mode`, ...) are
-left for Beam's `PipelineOptions`.
+left for Beam's `PipelineOptions`. A bad flag is a `mmt.errors.UserError` (one
+`error: ...` line from the entry point, not argparse's usage block). Importing this
+module does not import TensorFlow, so a bad flag fails fast and TensorFlow's start-up
+logging can still be configured after parsing.
 """
 
 from __future__ import annotations
@@ -12,10 +15,17 @@ import re
 from typing import Any, Sequence
 
 from beam_pipelines import fetch
-from mmt.data import shapes_records
+from mmt.errors import VERBOSE_FLAG, UserError
 
 # The split names `mmt.data.features.write_split` accepts.
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+def _shapes_split_fields() -> dict[str, tuple[str, ...]]:
+    # Imported when needed: `mmt.data.shapes_records` imports TensorFlow.
+    from mmt.data import shapes_records
+
+    return shapes_records.SPLIT_FIELDS
+
 
 #: source -> which modalities its records carry (shapes: decided by --split).
 SOURCES = {
@@ -87,8 +97,8 @@ class TokenizeConfig:
             raise ValueError(f"--source={self.source} needs --input")
         if self.source == "coco" and not self.image_dir:
             raise ValueError("--source=coco needs --image_dir (the folder of the COCO images)")
-        if self.source == "shapes" and self.split_name not in shapes_records.SPLIT_FIELDS:
-            raise ValueError(f"--source=shapes: --split must be one of {list(shapes_records.SPLIT_FIELDS)}")
+        if self.source == "shapes" and self.split_name not in _shapes_split_fields():
+            raise ValueError(f"--source=shapes: --split must be one of {list(_shapes_split_fields())}")
         if not _SPLIT_NAME.match(self.split_name):
             raise ValueError(f"--split {self.split_name!r} must match {_SPLIT_NAME.pattern}")
         if "image" in self.modalities and not self.image_tokenizer:
@@ -111,7 +121,7 @@ class TokenizeConfig:
         """("image", "text"), ("image",) or ("text",): what every record carries."""
         fields = SOURCES[self.source]
         if fields is None:
-            return shapes_records.SPLIT_FIELDS[self.split or "paired"]
+            return _shapes_split_fields()[self.split or "paired"]
         return fields
 
     @property
@@ -144,9 +154,16 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+class UserErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are `UserError`s (one line, exit 2, via `mmt.errors.run_main`)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (`{self.prog} --help` lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TokenizeConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(
+    p = UserErrorParser(
         prog="python -m beam_pipelines.tokenize",
         description="Pre-tokenize an image-caption corpus into mmt TFRecords (DESIGN.md §4). "
         "Flags not listed here are Beam pipeline options (--runner, --project, ...).",
@@ -194,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allowed_url_networks", type=fetch.parse_networks, default=(),
                    help="comma-separated CIDR networks: the only ones admitted, public or not "
                    "(not with --allow_private_urls)")
+    p.add_argument(VERBOSE_FLAG, action="store_true", help="print tracebacks and TensorFlow's start-up logging")
     g = p.add_argument_group("shapes")
     g.add_argument("--num_examples", type=int, default=d["num_examples"].default)
     g.add_argument("--shapes_resolution", type=int, default=d["shapes_resolution"].default)
@@ -205,8 +223,33 @@ def parse_args(argv: Sequence[str] | None) -> tuple[TokenizeConfig, list[str]]:
     """(config, the remaining arguments for Beam's PipelineOptions)."""
     parser = build_parser()
     known, rest = parser.parse_known_args(argv)
+    settings = {k: v for k, v in vars(known).items() if k != "verbose"}
+    unknown = unknown_beam_flags(rest)
+    if unknown:
+        raise UserError(f"unknown flag {', '.join(unknown)}: neither a tokenize flag nor a Beam pipeline "
+                        f"option (`{parser.prog} --help` lists the flags)")
     try:
-        return TokenizeConfig(**vars(known)), rest
+        return TokenizeConfig(**settings), rest
     except ValueError as e:
-        parser.error(str(e))
-        raise  # parser.error exits; this keeps type checkers informed
+        raise UserError(str(e)) from e
+
+
+def unknown_beam_flags(args: Sequence[str]) -> list[str]:
+    """The flags in `args` that Beam's `PipelineOptions` would discard (a misspelt flag).
+
+    Beam only logs a warning and drops them, so `--num_shard=3` would silently run with
+    the default shard count.
+    """
+    import logging
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(args))
+    beam_logger = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_logger.level
+    beam_logger.setLevel(logging.ERROR)  # its "Discarding unparseable args" warning; we say it better
+    try:
+        names = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    finally:
+        beam_logger.setLevel(level)
+    return sorted(f"--{name}" for name in names)

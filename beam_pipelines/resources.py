@@ -1,10 +1,11 @@
-"""Loading the tokenizers (once per worker process) and preparing the output directory.
+"""Loading the tokenizers (once per worker process); the output directory's names.
 
 Tokenizers may live on GCS: an image tokenizer directory is copied to a local
 temporary directory first (Keras reads weights from local files), a SentencePiece
 model is read as bytes. Within one worker process every DoFn instance shares one
 loaded tokenizer (`shared_image_tokenizer`), so the multi-threaded runners do not hold
-a copy per thread.
+a copy per thread. A tokenizer or vocabulary that does not load is the user's to fix
+(a wrong path, a file of another kind): `TokenizerLoadError`, naming the flag and path.
 """
 
 from __future__ import annotations
@@ -20,24 +21,21 @@ from typing import Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
+# The output directory's names live in `output`; re-exported for the writers and verify.
+from beam_pipelines.output import COMPLETED, DEAD_LETTER_DIR, OUTPUT_PATTERNS, STATS, OutputExistsError  # noqa: F401
+from mmt.errors import UserError
+
 #: Modules that register mmt's image tokenizer classes, imported when a saved tokenizer
 #: names a class not registered yet.
 TOKENIZER_MODULES = ("mmt.tokenizers.vqgan", "mmt.tokenizers.dvae")
-
-COMPLETED = "COMPLETED"
-STATS = "stats.json"
-DEAD_LETTER_DIR = "dead_letter"
-#: What a run writes, removed before a new run writes anything (COMPLETED first).
-OUTPUT_PATTERNS = (COMPLETED, "manifest.json", STATS, "*-?????-of-?????.tfrecord", "*.tmp-*",
-                   f"{DEAD_LETTER_DIR}/*")
 
 _lock = threading.Lock()
 _image_tokenizers: dict[str, object] = {}
 _text_vocabs: dict[str, object] = {}
 
 
-class OutputExistsError(RuntimeError):
-    """The output directory holds a completed run and --overwrite was not given."""
+class TokenizerLoadError(UserError):
+    """--image_tokenizer, --text_vocab or --import_modules names something that does not load."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +53,10 @@ class TokenizerInfo:
 def import_modules(names: Sequence[str] = ()) -> None:
     """Imports `names` (modules that register tokenizer classes, e.g. plugins or tests)."""
     for name in names:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise TokenizerLoadError(f"--import_modules: cannot import {name!r} ({e}); is it on PYTHONPATH?") from e
 
 
 def _register(class_name: str) -> None:
@@ -88,15 +89,27 @@ def load_image_tokenizer(path: str, modules: Sequence[str] = ()):
     with _lock:
         if path not in _image_tokenizers:
             import_modules(modules)
-            from mmt.tokenizers.image import CONFIG_FILE, ImageTokenizer
-
-            local = _local_copy(path) if is_remote(path) else path
-            config_file = os.path.join(local, CONFIG_FILE)
-            if os.path.isfile(config_file):
-                with open(config_file) as handle:
-                    _register(str(json.load(handle).get("class")))
-            _image_tokenizers[path] = ImageTokenizer.load(local)
+            _image_tokenizers[path] = _load_image_tokenizer(path)
         return _image_tokenizers[path]
+
+
+def _load_image_tokenizer(path: str):
+    from mmt.tokenizers.image import CONFIG_FILE, ImageTokenizer
+
+    fix = f"expected a directory written by ImageTokenizer.save, with {CONFIG_FILE} and the weights"
+    if not FileSystems.exists(FileSystems.join(path, CONFIG_FILE)):
+        what = "does not exist" if not FileSystems.exists(path) else f"holds no {CONFIG_FILE}"
+        raise TokenizerLoadError(f"--image_tokenizer {path} {what}; {fix}")
+    local = _local_copy(path) if is_remote(path) else path
+    try:
+        with open(os.path.join(local, CONFIG_FILE)) as handle:
+            _register(str(json.load(handle).get("class")))
+        return ImageTokenizer.load(local)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        # A damaged or foreign directory: its config does not parse, names an unknown
+        # class (then --import_modules is missing) or its weights do not fit.
+        raise TokenizerLoadError(f"--image_tokenizer {path} does not load: {type(e).__name__}: {e}; {fix} "
+                                 "(a tokenizer class of your own needs --import_modules)") from e
 
 
 def load_text_vocab(path: str):
@@ -105,11 +118,15 @@ def load_text_vocab(path: str):
         if path not in _text_vocabs:
             from mmt.tokenizers.text import TextTokenizer
 
-            if is_remote(path):
-                with FileSystems.open(path) as handle:
-                    _text_vocabs[path] = TextTokenizer(handle.read(), source=path)
-            else:
-                _text_vocabs[path] = TextTokenizer.from_file(path)
+            try:
+                if is_remote(path):
+                    with FileSystems.open(path, compression_type="uncompressed") as handle:
+                        _text_vocabs[path] = TextTokenizer(handle.read(), source=path)
+                else:
+                    _text_vocabs[path] = TextTokenizer.from_file(path)
+            except (OSError, ValueError) as e:  # missing, or not a SentencePiece model
+                raise TokenizerLoadError(f"--text_vocab {path}: {e}; expected a SentencePiece .model "
+                                         "file (mmt.tokenizers.text.train_sentencepiece writes one)") from e
         return _text_vocabs[path]
 
 
@@ -119,7 +136,7 @@ def tokenizer_info(config) -> TokenizerInfo:
     if "image" in config.modalities:
         tokenizer = load_image_tokenizer(config.image_tokenizer, config.import_modules)
         if config.image_size and config.image_size != tokenizer.image_size:
-            raise ValueError(f"--image_size={config.image_size} but the tokenizer in {config.image_tokenizer} "
+            raise UserError(f"--image_size={config.image_size} but the tokenizer in {config.image_tokenizer} "
                              f"takes {tokenizer.image_size}x{tokenizer.image_size} images")
         info.update(image_fingerprint=tokenizer.fingerprint(), image_grid=tuple(tokenizer.grid_size),
                     image_vocab_size=int(tokenizer.vocab_size), image_size=int(tokenizer.image_size))
@@ -127,23 +144,3 @@ def tokenizer_info(config) -> TokenizerInfo:
         vocab = load_text_vocab(config.text_vocab)
         info.update(text_fingerprint=vocab.fingerprint(), text_vocab_size=vocab.vocab_size)
     return TokenizerInfo(**info)
-
-
-def prepare_output_dir(output_dir: str, overwrite: bool) -> list[str]:
-    """Refuses a completed directory (unless `overwrite`); removes a previous run's files.
-
-    Returns:
-      The paths removed (leftovers of a crashed run, or the replaced run).
-    """
-    completed = FileSystems.join(output_dir, COMPLETED)
-    if FileSystems.exists(completed) and not overwrite:
-        raise OutputExistsError(f"{output_dir} already holds a completed run ({COMPLETED} exists); "
-                                "pass --overwrite to replace it, or choose another --output_dir")
-    removed = []
-    for pattern in OUTPUT_PATTERNS:  # COMPLETED first: a crash mid-cleanup leaves no marker
-        matched = FileSystems.match([FileSystems.join(output_dir, pattern)])[0].metadata_list
-        paths = sorted(m.path for m in matched)
-        if paths:
-            FileSystems.delete(paths)
-            removed += paths
-    return removed

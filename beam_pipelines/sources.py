@@ -37,6 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipelines import items
 from beam_pipelines.config import TokenizeConfig
 from beam_pipelines.items import Item, drop
+from mmt.errors import UserError
 
 _WILDCARDS = "*?[{"
 _IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -108,6 +109,25 @@ def _resolve_local(path: str, base: str, ref: str) -> tuple[str | None, str, str
 def _printable(text: str) -> str:
     """`text` with undecodable bytes (surrogate escapes) shown as \\xNN."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_inputs(config: TokenizeConfig) -> None:
+    """Raises `UserError` unless every `--input` glob matches a file (and `--image_dir` exists).
+
+    The launcher checks before anything is written, so a mistyped path costs one line
+    instead of a failed pipeline (and, with `--overwrite`, never the previous output).
+    """
+    if config.source == "shapes":
+        return
+    for glob in (g.strip() for g in config.input.split(",") if g.strip()):
+        try:
+            matched = FileSystems.match([glob])[0].metadata_list
+        except Exception as e:  # BeamIOError: e.g. a bucket that does not exist or may not be listed
+            raise UserError(f"--input {glob!r} cannot be matched: {type(e).__name__}: {e}") from e
+        if not matched:
+            raise UserError(f"--input {glob!r} matches no file; check the path (globs: *, ?, [...])")
+    if config.image_dir and "://" not in config.image_dir and not os.path.isdir(config.image_dir):
+        raise UserError(f"--image_dir {config.image_dir} is not a directory")
 
 
 class MatchGlobs(beam.DoFn):

@@ -16,6 +16,17 @@ The output directory holds one split: `{split}-NNNNN-of-NNNNN.tfrecord` in the s
 of `mmt.data.features`, `manifest.json`, `stats.json`, `dead_letter/*.jsonl` and, once
 everything else is written and the counts add up, `COMPLETED`. Check it with
 `python -m beam_pipelines.verify DIR`.
+
+Before anything is written, the launcher checks the flags, that every `--input` glob
+matches a file, that the output directory is writable and not complete (unless
+`--overwrite`), and loads the vocabulary and the image tokenizer. `--overwrite` of a
+completed directory writes the new run into a staging sibling and swaps it in only
+once it is complete (`beam_pipelines.output`), so a failed or killed run leaves the
+previous output as it was. An error the user can fix ends the run with one line,
+`error: ...`, and exit status 2 (`mmt.errors`); `--verbose` adds the traceback and
+TensorFlow's start-up logging. Importing this module does not import TensorFlow (the
+stages that need it are imported when the graph is built), so the C++ log level is set
+before TensorFlow loads.
 """
 
 from __future__ import annotations
@@ -27,21 +38,28 @@ import os
 import sys
 from typing import Sequence
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
-
-from beam_pipelines import resources, sources, transforms, writers
+from beam_pipelines import output, resources, sources
 from beam_pipelines.config import TokenizeConfig, parse_args
 from beam_pipelines.resources import TokenizerInfo
-from beam_pipelines.transforms import Stage
+from mmt.errors import run_main
 
 _log = logging.getLogger(__name__)
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: TokenizeConfig, info: TokenizerInfo) -> None:
-    """Adds the whole tokenize graph to `pipeline` (nothing runs until it does)."""
+def build_pipeline(pipeline, config: TokenizeConfig, info: TokenizerInfo, write_dir: str | None = None) -> None:
+    """Adds the whole tokenize graph to `pipeline` (nothing runs until it does).
+
+    `write_dir`: where the files go (default `config.output_dir`; a staging directory
+    for `--overwrite`).
+    """
+    import apache_beam as beam
+
+    # Here, not at the top: these import TensorFlow (see the module docstring).
+    from beam_pipelines import transforms, writers
+    from beam_pipelines.transforms import Stage
+
     c = config
+    write_dir = write_dir or c.output_dir
     read = pipeline | "Read corpus" >> sources.ReadCorpus(c)
     drops = [read["dropped"]]
     stream = read["items"]
@@ -68,13 +86,14 @@ def build_pipeline(pipeline: beam.Pipeline, config: TokenizeConfig, info: Tokeni
     if "text" in c.modalities:
         stage("Tokenize text", transforms.TokenizeText(c.text_vocab))
     stage("Encode records", Stage(transforms.EncodeRecordsFn(c.store_image)))
-    written = stream | "Write shards" >> writers.WriteShards(c.output_dir, c.split_name, c.num_shards)
+    written = stream | "Write shards" >> writers.WriteShards(write_dir, c.split_name, c.num_shards)
     drops.append(written["dropped"])
 
     all_drops = drops | "All drops" >> beam.Flatten()
-    dead_files = all_drops | "Write dead letters" >> writers.WriteDeadLetters(c.output_dir, c.dead_letter_shards)
+    dead_files = all_drops | "Write dead letters" >> writers.WriteDeadLetters(write_dir, c.dead_letter_shards)
     drop_counts = all_drops | "Count drops" >> writers.CountDrops()
-    pipeline | "Finalize" >> writers.Finalize(c, info, read_count, written["shards"], dead_files, drop_counts)
+    pipeline | "Finalize" >> writers.Finalize(c, info, read_count, written["shards"], dead_files, drop_counts,
+                                              write_dir=write_dir)
 
 
 def _absolute(path: str) -> str:
@@ -90,34 +109,65 @@ def normalise_paths(config: TokenizeConfig) -> TokenizeConfig:
         image_dir=_absolute(config.image_dir))
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Runs the pipeline; returns the stats. Raises on failure (nothing marked COMPLETED)."""
-    config, beam_args = parse_args(argv)
-    config = normalise_paths(config)
+def validate(config: TokenizeConfig) -> TokenizerInfo:
+    """Every check that needs no writing, cheapest first; raises `UserError`. Returns the tokenizers' info."""
+    output.refuse_completed(config.output_dir, config.overwrite)
+    sources.check_inputs(config)
     resources.import_modules(config.import_modules)
     info = resources.tokenizer_info(config)
-    removed = resources.prepare_output_dir(config.output_dir, config.overwrite)
+    # Last, as it creates the directory (empty) when missing: nothing after it can fail.
+    output.check_writable(config.output_dir)
+    return info
+
+
+def prepare_write_dir(config: TokenizeConfig) -> str:
+    """Where this run writes: `--output_dir`, or a fresh staging sibling for `--overwrite` of a completed one."""
+    out = config.output_dir
+    output.finish_interrupted_swap(out)
+    output.refuse_completed(out, config.overwrite)  # a finished swap may have completed it
+    if output.is_complete(out):
+        staging = output.new_staging_dir(out)
+        output.check_writable(staging)
+        return staging
+    removed = output.remove_previous_run(out)
     if removed:
-        _log.warning("removed %d files of a previous run from %s", len(removed), config.output_dir)
+        _log.warning("removed %d files of an unfinished run from %s", len(removed), out)
+    return out
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    """Runs the pipeline; returns the stats. Raises on failure (nothing marked COMPLETED)."""
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    config, beam_args = parse_args(argv)
+    config = normalise_paths(config)
+    info = validate(config)
+    write_dir = prepare_write_dir(config)
     options = PipelineOptions(beam_args)
     with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, config, info)
+        build_pipeline(pipeline, config, info, write_dir)
+    if write_dir != config.output_dir:
+        output.swap_in(write_dir, config.output_dir)
+        _log.info("replaced the previous run in %s", config.output_dir)
     with FileSystems.open(FileSystems.join(config.output_dir, resources.STATS)) as handle:
         return json.loads(handle.read())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        stats = run(argv)
-    except resources.OutputExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = run(argv)
     print(json.dumps({k: stats[k] for k in ("split", "inputs", "written", "filtered", "dead_lettered")}))
     for outcome in ("filtered_by_reason", "dead_lettered_by_reason"):
         for reason, n in stats[outcome].items():
             print(f"  {outcome.split('_by_')[0]:>13} {n:8d}  {reason}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point: `error: ...` and exit 2 for what the user can fix (`mmt.errors`)."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

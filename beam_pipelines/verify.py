@@ -9,11 +9,15 @@ shard's size and checksums; then every record: it parses, its key is unique and 
 to the shard it is in, it carries the modalities of its split, its token grid is the
 manifest's, its image tokens and text ids lie inside the vocabularies; and each shard's
 record count is the manifest's.
+
+A problem ends the program with one line, `error: ...`, and exit status 2
+(`mmt.errors`); `--verbose` adds the traceback and TensorFlow's start-up logging.
+A directory in the middle of an `--overwrite` swap has no `COMPLETED` (it is deleted
+first and written last, see `beam_pipelines.output`), so it is never verified as complete.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Sequence
@@ -21,9 +25,11 @@ from typing import Sequence
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import resources
+from beam_pipelines.config import UserErrorParser
+from mmt.errors import VERBOSE_FLAG, UserError, run_main
 
 
-class VerifyError(Exception):
+class VerifyError(UserError):
     """The first problem found in a data directory."""
 
 
@@ -152,7 +158,9 @@ def verify(data_dir: str, *, image_tokenizer: str = "", text_vocab: str = "", mo
 
     data_dir = data_dir.rstrip("/")
     if not FileSystems.exists(FileSystems.join(data_dir, resources.COMPLETED)):
-        raise VerifyError(f"{data_dir} has no {resources.COMPLETED} marker: the run did not finish")
+        what = ("does not exist" if not FileSystems.exists(data_dir) else
+                f"has no {resources.COMPLETED} marker: the run did not finish (or an --overwrite is swapping it)")
+        raise VerifyError(f"{data_dir} {what}")
     try:
         manifest = features.read_manifest(data_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -163,22 +171,24 @@ def verify(data_dir: str, *, image_tokenizer: str = "", text_vocab: str = "", mo
     return {split: _check_split(data_dir, split, manifest) for split in sorted(manifest.splits)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m beam_pipelines.verify", description=__doc__.split("\n")[0])
+def _main(argv: Sequence[str] | None) -> int:
+    parser = UserErrorParser(prog="python -m beam_pipelines.verify", description=__doc__.split("\n")[0])
     parser.add_argument("data_dir")
     parser.add_argument("--image_tokenizer", default="", help="check the manifest's fingerprint against it")
     parser.add_argument("--text_vocab", default="", help="check the manifest's fingerprint against it")
     parser.add_argument("--import_modules", default="", help="comma-separated modules registering tokenizers")
+    parser.add_argument(VERBOSE_FLAG, action="store_true", help="print tracebacks and TensorFlow's start-up logging")
     args = parser.parse_args(argv)
     modules = tuple(m.strip() for m in args.import_modules.split(",") if m.strip())
-    try:
-        counts = verify(args.data_dir, image_tokenizer=args.image_tokenizer, text_vocab=args.text_vocab,
-                        modules=modules)
-    except VerifyError as e:
-        print(f"verify FAILED: {e}", file=sys.stderr)
-        return 1
+    counts = verify(args.data_dir, image_tokenizer=args.image_tokenizer, text_vocab=args.text_vocab,
+                    modules=modules)
     print(f"verify OK: {args.data_dir}: " + ", ".join(f"{split} {n} records" for split, n in counts.items()))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The entry point: a failed check is `error: ...` and exit status 2 (`mmt.errors`)."""
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,19 @@ a half-written file under a final name.
 `Finalize` runs last -- its side inputs are the written shards and dead-letter files,
 so it cannot start before them -- and checks that inputs = written + filtered +
 dead-lettered before writing `stats.json`, `manifest.json` and, last, `COMPLETED`.
+Everything goes to `write_dir`: the output directory itself, or the staging directory
+of an `--overwrite` (see `beam_pipelines.output`); the manifest still records the
+configured `--output_dir`.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import struct
+import sys
+import time
 import uuid
 from typing import Iterable
 
@@ -25,7 +31,7 @@ import crcmod.predefined
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines import resources
+from beam_pipelines import output, resources
 from beam_pipelines.config import TokenizeConfig
 from beam_pipelines.items import DEAD_LETTER, DROPPED, FILTERED, count, drop
 from beam_pipelines.resources import TokenizerInfo
@@ -170,20 +176,30 @@ def accounting(read: int, shards, dead_files, drop_counts, split: str) -> dict:
     return stats
 
 
+def _pause_for_tests(write_dir: str) -> None:
+    """The `output.PAUSE_ENV` hook: a test SIGKILLs the run while it sleeps here."""
+    seconds = os.environ.get(output.PAUSE_ENV)
+    if seconds:
+        print(f"shards written to {write_dir}; pausing before finalize", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))
+
+
 class FinalizeFn(beam.DoFn):
     """Writes stats.json, manifest.json, then COMPLETED (the side inputs are complete)."""
 
-    def __init__(self, config: TokenizeConfig, info: TokenizerInfo):
+    def __init__(self, config: TokenizeConfig, info: TokenizerInfo, write_dir: str):
         self.config = config
         self.info = info
+        self.write_dir = write_dir
 
     def process(self, _, read: int, shards, dead_files, drop_counts):
         c, info = self.config, self.info
+        _pause_for_tests(self.write_dir)
         shards = sorted(shards)
         stats = accounting(read, shards, sorted(dead_files), list(drop_counts), c.split_name)
         stats["shards"] = [name for _, name, _, _ in shards]
         stats["dead_letter_files"] = sorted(name for name, _ in dead_files)
-        with FileSystems.create(FileSystems.join(c.output_dir, resources.STATS)) as handle:
+        with FileSystems.create(FileSystems.join(self.write_dir, resources.STATS)) as handle:
             handle.write((json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
         split = features.SplitInfo(
             num_records=stats["written"], shards=tuple(name for _, name, _, _ in shards),
@@ -195,20 +211,21 @@ class FinalizeFn(beam.DoFn):
             text = features.TextVocabInfo(info.text_fingerprint, info.text_vocab_size)
         options = {**c.to_json(), "pipeline": "beam_pipelines.tokenize", "image_size": info.image_size or None,
                    "stats": {k: stats[k] for k in ("inputs", "written", "filtered", "dead_lettered")}}
-        features.write_manifest(c.output_dir, splits={c.split_name: split}, image_tokenizer=image,
+        features.write_manifest(self.write_dir, splits={c.split_name: split}, image_tokenizer=image,
                                 text_vocab=text, options=options)
         marker = {"completed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "records": stats["written"]}
-        with FileSystems.create(FileSystems.join(c.output_dir, resources.COMPLETED)) as handle:
+        with FileSystems.create(FileSystems.join(self.write_dir, resources.COMPLETED)) as handle:
             handle.write((json.dumps(marker) + "\n").encode())
         yield stats
 
 
 class Finalize(beam.PTransform):
     def __init__(self, config: TokenizeConfig, info: TokenizerInfo, read_count, shards, dead_files, drop_counts,
-                 label: str | None = None):
+                 write_dir: str | None = None, label: str | None = None):
         super().__init__(label)
         self.config, self.info = config, info
+        self.write_dir = write_dir or config.output_dir
         self.sides = (read_count, shards, dead_files, drop_counts)
 
     def expand(self, pbegin):
@@ -216,6 +233,6 @@ class Finalize(beam.PTransform):
         return (pbegin
                 | "Once" >> beam.Create([None])
                 | "Stats, manifest, COMPLETED" >> beam.ParDo(
-                    FinalizeFn(self.config, self.info), beam.pvalue.AsSingleton(read_count),
+                    FinalizeFn(self.config, self.info, self.write_dir), beam.pvalue.AsSingleton(read_count),
                     beam.pvalue.AsList(shards), beam.pvalue.AsList(dead_files), beam.pvalue.AsList(drop_counts)))
 

@@ -142,8 +142,8 @@ def test_verify_passes_and_catches_tampering(run, tmp_path, capsys):
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert verify.main([str(tampered)]) == 1
-    assert f"corrupt shard {shard}" in capsys.readouterr().err
+    assert verify.main([str(tampered)]) == 2
+    assert f"error: corrupt shard {shard}" in capsys.readouterr().err
 
     other = tmp_path / "other_tok"
     h.beam_test_tokenizer.BeamTestTokenizer(image_size=32, downsample=8, vocab_size=64, seed=99).save(other)
