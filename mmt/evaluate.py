@@ -10,26 +10,37 @@ attribute of the main object (shape, colour, cell) and the object count
 output (UPGen §4.2); `--untrained` probes the freshly initialised network of the same
 config, the baseline the trained features should beat. Prints a table and writes the
 results as JSON to `--output` (default `{workdir}/eval/linear_probe[_all_layers][_untrained].json`).
+
+    python -m mmt.evaluate fid --workdir=/tmp/itit --captions=captions.txt --reference_stats=ref.npz --inception_weights=W
+    python -m mmt.evaluate captions --workdir=/tmp/itit --image_dir=val2014 --references=captions_test.json
+
+`fid` and `captions`: see `mmt.evaluation.commands` (FID-30K and COCO captioning, README).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from mmt import config as mmt_config
+from mmt.errors import VERBOSE_FLAG, run_main
+
 
 def linear_probe(args) -> int:
     from mmt.evaluation import linear_probe as probe_lib
     from mmt.training.restore import load_task
 
+    from mmt.errors import UserError
+    from mmt.training.data_check import check_tokenizers
+
     task, step = load_task(args.workdir, restore=not args.untrained)
     if not hasattr(task, "image_features"):
-        print(f"error: {type(task).__name__} has no image_features (frozen features for a probe)", file=sys.stderr)
-        return 2
+        raise UserError(f"{args.workdir} holds a {type(task).__name__}, which has no image_features (frozen "
+                        "features for a probe); probe a workdir of a model that has (e.g. UPGen)")
+    check_tokenizers(task)
     resolution = task.tokenizers()[0].image_size
     print(f"{type(task).__name__} at step {step}{' (untrained)' if args.untrained else ''}: probing "
           f"{args.train_examples} / {args.test_examples} shapes images at {resolution}x{resolution}", flush=True)
@@ -51,7 +62,9 @@ def linear_probe(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m mmt.evaluate", description=__doc__.split("\n")[0])
+    # --verbose (tracebacks, TensorFlow's start-up lines) is read by run_main, in any position.
+    argv = [a for a in argv if a != VERBOSE_FLAG]
+    parser = mmt_config.ArgumentParser(prog="python -m mmt.evaluate", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     probe = commands.add_parser("linear_probe", help="linear probes on frozen image features (shapes attributes)")
     probe.add_argument("--workdir", required=True)
@@ -61,10 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("--untrained", action="store_true", help="the initial weights instead of the checkpoint")
     probe.add_argument("--seed", type=int, default=0, help="seed of the shapes images")
     probe.add_argument("--output", default=None)
+    from mmt.evaluation import commands as metric_commands  # fid, captions
+
+    metric_commands.add_parsers(commands)
     args = parser.parse_args(argv)
     args.argv = argv
-    return {"linear_probe": linear_probe}[args.command](args)
+    return {"linear_probe": linear_probe, "fid": metric_commands.fid,
+            "captions": metric_commands.captions}[args.command](args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

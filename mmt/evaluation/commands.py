@@ -1,0 +1,234 @@
+"""The `fid` and `captions` subcommands of `python -m mmt.evaluate` (parsers and bodies).
+
+    python -m mmt.evaluate fid --images=DIR --reference=DIR [--reference_stats=ref.npz] --inception_weights=W
+    python -m mmt.evaluate fid --workdir=W --captions=captions.txt --reference_stats=coco_val.npz --inception_weights=W
+    python -m mmt.evaluate captions --predictions=pred.json --references=captions_val2014.json
+    python -m mmt.evaluate captions --workdir=W --image_dir=val2014/ --references=karpathy_test.json
+
+See `mmt.evaluation.fid` / `fid_inception` (network, resize protocol, weights file)
+and `mmt.evaluation.captions` (metrics, tokenizer rules).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmt.errors import UserError
+
+
+def add_parsers(commands) -> None:
+    """Adds `fid` and `captions` to the subparsers `commands` of `mmt.evaluate`."""
+    fid = commands.add_parser("fid", help="Fréchet Inception Distance (generated or folder images vs reference)")
+    source = fid.add_argument_group("images to score (one of)")
+    source.add_argument("--images", help="a folder of images")
+    source.add_argument("--workdir", help="a T2I workdir: generates one image per caption of --captions")
+    fid.add_argument("--captions", help="captions: .txt (one per line) or COCO captions .json (first per image)")
+    fid.add_argument("--reference", help="a folder of reference images")
+    fid.add_argument("--reference_stats", help=".npz of reference statistics: written from --reference when given, "
+                                               "else read")
+    fid.add_argument("--inception_weights", default=os.environ.get("MMT_FID_INCEPTION_WEIGHTS"),
+                     help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or an .npz of it "
+                          "(default: $MMT_FID_INCEPTION_WEIGHTS)")
+    fid.add_argument("--num_images", type=int, default=None, help="at most this many images / captions")
+    fid.add_argument("--batch_size", type=int, default=64)
+    fid.add_argument("--resolution", type=int, default=299, help="network input side (299: the protocol)")
+    fid.add_argument("--image_size", type=int, default=None, help="resize folder images to this square first")
+    fid.add_argument("--save_images", default=None, help="also write the generated images to this folder")
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--num_steps", type=int)
+    fid.add_argument("--guidance_scale", type=float)
+    fid.add_argument("--output", default=None, help="JSON results (default: {workdir}/eval/fid.json or stdout only)")
+
+    cap = commands.add_parser("captions", help="CIDEr-D, BLEU-4, ROUGE-L (METEOR) on COCO-format references")
+    cap.add_argument("--references", required=True, help="COCO captions .json (images + annotations)")
+    cap.add_argument("--predictions", help="captions to score: COCO results .json or {image_id: caption}")
+    cap.add_argument("--workdir", help="an I2T workdir: captions every referenced image in --image_dir")
+    cap.add_argument("--image_dir", help="the images of --references (by file_name)")
+    cap.add_argument("--num_images", type=int, default=None)
+    cap.add_argument("--batch_size", type=int, default=32)
+    cap.add_argument("--beam_size", type=int)
+    cap.add_argument("--no_meteor", action="store_true", help="skip METEOR (slow Java start)")
+    cap.add_argument("--output", default=None, help="JSON results (default: {workdir}/eval/captions.json)")
+
+
+def _load_task(workdir: str, hook: str):
+    from mmt.training.restore import load_task
+
+    if not Path(workdir, "operative_config.gin").is_file() and "://" not in workdir:
+        raise UserError(f"{workdir} is not a training workdir (no operative_config.gin)")
+    try:
+        task, step = load_task(workdir)
+    except FileNotFoundError as e:
+        raise UserError(f"{workdir}: {e}") from e
+    if not hasattr(task, hook):
+        raise UserError(f"{workdir} holds a {type(task).__name__}, which cannot {hook.replace('_', ' ')}: "
+                        f"this evaluation needs a workdir of a model that can")
+    return task, step
+
+
+def read_captions(path: str, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Captions of a .txt (one per line) or a COCO captions .json (the first caption of each
+    image, by image id). With `limit`, a seeded random subset of that size (FID-30K)."""
+    path_ = Path(path)
+    if not path_.is_file():
+        raise UserError(f"captions file {path} not found")
+    if path_.suffix == ".json":
+        from mmt.evaluation.captions import read_coco_references
+
+        references, _ = read_coco_references(path_)
+        captions = [references[i][0].strip() for i in sorted(references)]
+    else:
+        captions = [line.strip() for line in path_.read_text().splitlines() if line.strip()]
+    if not captions:
+        raise UserError(f"no captions in {path}")
+    if limit is not None and limit < len(captions):
+        order = np.random.default_rng(seed).permutation(len(captions))[:limit]
+        captions = [captions[i] for i in sorted(order)]
+    return captions
+
+
+def _write(record: dict, output: str | None) -> None:
+    print(json.dumps({k: v for k, v in record.items() if k != "command"}))
+    if output:
+        out = Path(output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def fid(args) -> int:
+    from mmt.evaluation import fid as fid_lib
+    from mmt.evaluation.fid_inception import FIDInception
+
+    if bool(args.images) == bool(args.workdir):
+        raise UserError("fid needs exactly one of --images (a folder) or --workdir (with --captions)")
+    if args.workdir and not args.captions:
+        raise UserError("fid --workdir needs --captions (the prompts to generate from)")
+    if not args.reference and not args.reference_stats:
+        raise UserError("fid needs --reference (a folder) or --reference_stats (a saved .npz)")
+    if args.reference_stats and not args.reference and not Path(args.reference_stats).is_file():
+        raise UserError(f"reference statistics {args.reference_stats} not found (pass --reference to write them)")
+    if not args.inception_weights:
+        raise UserError("fid needs --inception_weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                        "(github.com/mseitzer/pytorch-fid/releases) or an .npz converted from it")
+    if not Path(args.inception_weights).is_file():
+        raise UserError(f"FID Inception weights {args.inception_weights} not found")
+    # Check every input before the slow parts (model loading, generation).
+    files = fid_lib.list_images(args.images)[: args.num_images] if args.images else None
+    captions = read_captions(args.captions, args.num_images, args.seed) if args.workdir else None
+    reference_files = fid_lib.list_images(args.reference) if args.reference else None
+    try:
+        model = FIDInception.from_file(args.inception_weights)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    extractor = fid_lib.FIDExtractor(model, resolution=args.resolution)
+    start = time.perf_counter()
+
+    if reference_files is not None:
+        ref = extractor.statistics(fid_lib.image_batches(reference_files, args.batch_size, args.image_size))
+        mu_ref, sigma_ref, ref_count = ref.mean(), ref.covariance(), ref.count
+        if args.reference_stats:
+            Path(args.reference_stats).parent.mkdir(parents=True, exist_ok=True)
+            ref.save(args.reference_stats)
+            print(f"wrote reference statistics of {ref.count} images to {args.reference_stats}")
+    else:
+        mu_ref, sigma_ref, ref_count = fid_lib.load_statistics(args.reference_stats)
+
+    step = None
+    if files is not None:
+        stats = extractor.statistics(fid_lib.image_batches(files, args.batch_size, args.image_size))
+    else:
+        task, step = _load_task(args.workdir, "text_to_image")
+        options = {k: getattr(args, k) for k in ("num_steps", "guidance_scale") if getattr(args, k) is not None}
+        save = Path(args.save_images) if args.save_images else None
+        if save:
+            save.mkdir(parents=True, exist_ok=True)
+
+        def generated():
+            for b, first in enumerate(range(0, len(captions), args.batch_size)):
+                images, _ = task.text_to_image(captions[first:first + args.batch_size], seed=args.seed + b, **options)
+                images = np.asarray(images, np.uint8)
+                if save:
+                    from PIL import Image
+
+                    for i, image in enumerate(images):
+                        Image.fromarray(image).save(save / f"{first + i:06d}.png")
+                print(f"generated {first + len(images)} / {len(captions)}", flush=True)
+                yield images
+
+        stats = extractor.statistics(generated())
+    value = fid_lib.frechet_distance(stats.mean(), stats.covariance(), mu_ref, sigma_ref)
+    record = {"command": "python -m mmt.evaluate " + " ".join(shlex.quote(a) for a in args.argv), "fid": value,
+              "num_images": stats.count, "reference_images": ref_count, "resolution": args.resolution,
+              "protocol": "pytorch-fid: bilinear resize (align_corners=False) to the network input, [-1, 1]",
+              "seconds": round(time.perf_counter() - start, 1)}
+    if step is not None:
+        record["step"] = step
+    output = args.output or (str(Path(args.workdir) / "eval" / "fid.json") if args.workdir else None)
+    _write(record, output)
+    return 0
+
+
+def captions(args) -> int:
+    from mmt.evaluation import captions as cap_lib
+
+    if bool(args.predictions) == bool(args.workdir):
+        raise UserError("captions needs exactly one of --predictions (a JSON) or --workdir (with --image_dir)")
+    references, file_names = cap_lib.read_coco_references(args.references)
+    step = None
+    if args.predictions:
+        predictions = cap_lib.read_predictions(args.predictions)
+    else:
+        if not args.image_dir or not Path(args.image_dir).is_dir():
+            raise UserError(f"captions --workdir needs --image_dir, a folder of the referenced images "
+                            f"(got {args.image_dir})")
+        ids = sorted(references)[: args.num_images]
+        paths = {}
+        for i in ids:
+            name = file_names.get(i)
+            if not name or not (Path(args.image_dir) / name).is_file():
+                raise UserError(f"image {i} ({name}) of {args.references} not found in {args.image_dir}")
+            paths[i] = Path(args.image_dir) / name
+        task, step = _load_task(args.workdir, "image_to_text")
+        predictions = _caption_images(task, paths, args.batch_size, args.beam_size)
+    if args.num_images:
+        predictions = dict(list(predictions.items())[: args.num_images])
+    scores = cap_lib.caption_metrics(references, predictions, meteor=False if args.no_meteor else None)
+    cap_lib.print_table(scores)
+    record = {"command": "python -m mmt.evaluate " + " ".join(shlex.quote(a) for a in args.argv), **scores}
+    if step is not None:
+        record["step"] = step
+    output = args.output or (str(Path(args.workdir) / "eval" / "captions.json") if args.workdir else None)
+    _write(record, output)
+    return 0
+
+
+def _caption_images(task, paths: dict, batch_size: int, beam_size: int | None) -> dict:
+    from PIL import Image
+
+    size = task.tokenizers()[0].image_size
+    ids = list(paths)
+    out = {}
+    for first in range(0, len(ids), batch_size):
+        chunk = ids[first:first + batch_size]
+        pixels = []
+        for i in chunk:
+            with Image.open(paths[i]) as im:  # centre crop to a square, then the model's size
+                im = im.convert("RGB")
+                side = min(im.size)
+                left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
+                pixels.append(np.asarray(im, np.uint8))
+        texts = task.image_to_text(np.stack(pixels), beam_size=beam_size)
+        out.update(zip(chunk, (str(t) for t in texts)))
+        print(f"captioned {first + len(chunk)} / {len(ids)}", flush=True)
+    return out
+
+
+__all__ = ["add_parsers", "captions", "fid", "read_captions"]
