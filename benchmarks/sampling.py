@@ -17,7 +17,7 @@ Measured (2 CPU cores, AVX-512, TensorFlow 2.21 XLA, defaults, 2026-11-26):
 
 `decode` took 1.53 s/batch on the same machine at the previous revision (658d70e), which drew
 candidates by Gumbel-max: `[8, 256, 1024]` random variates and two logs per step,
-XLA's CPU random-bit generation being most of the loop. `seeds.categorical` now
+XLA's CPU random-bit generation being most of the loop. `rng.categorical` now
 inverts the cumulative distribution (one uniform per token). Accelerators generate
 random bits at memory speed, so the gain there is smaller.
 """

@@ -1,6 +1,6 @@
 """XLA-safe stateless random draws for Keras's TensorFlow backend.
 
-`mmt.sampling.seeds` dispatches here when the backend is TensorFlow; model code never
+`mmt.rng` dispatches here when the backend is TensorFlow; model code never
 imports this module, so it keeps running under JAX without TensorFlow installed.
 
 Keras's TensorFlow backend casts the seed to int32 and lets TensorFlow pick the

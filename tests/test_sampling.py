@@ -20,7 +20,7 @@ from mmt import layers
 from mmt.sampling import autoregressive as ar
 from mmt.sampling import mask_schedule as ms
 from mmt.sampling import parallel_decode as pd
-from mmt.sampling import seeds
+from mmt import rng as seeds
 from mmt.training.task import StepSeed
 
 SAMPLING_DIR = pathlib.Path(__file__).resolve().parents[1] / "mmt" / "sampling"
@@ -397,7 +397,7 @@ def _module_level(tree):
 
 def test_sampling_imports_no_tensorflow():
     # Importing mmt.sampling must not import TensorFlow (JAX hosts have none); a function
-    # may use it lazily when Keras runs on the TensorFlow backend (mmt.sampling.seeds).
+    # may use it lazily when Keras runs on the TensorFlow backend (mmt.rng).
     for path in SAMPLING_DIR.glob("*.py"):
         for node in _module_level(ast.parse(path.read_text())):
             names = []

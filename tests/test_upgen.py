@@ -285,8 +285,8 @@ def test_loss_gradient_and_generation_xla_equal_eager():
     for a, b in zip(eager_grads, xla_grads):
         np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(), rtol=1e-4,
                                    atol=1e-6)
-    # Generation draws integers only (mmt.sampling.seeds): the same samples either way.
-    from mmt.sampling.seeds import FixedSeed
+    # Generation draws integers only (mmt.rng): the same samples either way.
+    from mmt.rng import FixedSeed
 
     text = tf.constant(batch["paired"]["text_ids"])
     run = lambda t: upgen_inference.text_to_image(m, t, FixedSeed(tf.constant([5, 0])), num_steps=4)  # noqa: E731

@@ -10,6 +10,8 @@ import gin
 import keras
 from keras import ops
 
+from mmt import rng
+from mmt.layers import Dropout
 from mmt.training.task import OptimizerGroup, Ratio, Task
 
 MASK_ID = 2  # UNK doubles as the mask token in this toy
@@ -19,15 +21,19 @@ MASK_ID = 2  # UNK doubles as the mask token in this toy
 
 class TinyTask(Task):
     def __init__(self, vocab_size: int = 128, text_length: int = 16, width: int = 32, mask_rate: float = 0.3,
-                 nan_at_steps: tuple[int, ...] = (), two_groups: bool = False, dropout: float = 0.0, random_mask: bool = True):
+                 nan_at_steps: tuple[int, ...] = (), two_groups: bool = False, dropout: float = 0.0,
+                 drop_path: float = 0.0, random_mask: bool = True):
         self.vocab_size, self.text_length, self.mask_rate = vocab_size, text_length, mask_rate
         self.nan_at_steps = tuple(nan_at_steps)
         self.two_groups = two_groups
         self.random_mask = random_mask
         tokens = keras.Input((text_length,), dtype="int32")
         x = keras.layers.Embedding(vocab_size, width, name="embed")(tokens)
-        x = keras.layers.Dropout(dropout)(x)
-        x = keras.layers.MultiHeadAttention(2, width // 2, use_bias=False, name="attention")(x, x)
+        x = Dropout(dropout)(x)
+        attended = keras.layers.MultiHeadAttention(2, width // 2, use_bias=False, name="attention")(x, x)
+        if drop_path:  # a residual branch dropped per example (stochastic depth)
+            attended = x + Dropout(drop_path, noise_shape=(None, 1, 1))(attended)
+        x = attended
         x = keras.layers.Dense(2 * width, activation="gelu", name="mlp")(x)
         logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32")(x)
         self.model = keras.Model(tokens, logits, name="tiny")
@@ -35,6 +41,14 @@ class TinyTask(Task):
 
     def build(self):
         self.model(ops.zeros((1, self.text_length), "int32"))
+
+    def data_expectations(self):
+        from mmt.training.data_check import DataExpectations
+
+        return DataExpectations(text_vocab_size=self.vocab_size, text_length=self.text_length,
+                                special_text_ids={"mask_id": MASK_ID},
+                                bindings={"text_vocab_size": "TinyTask.vocab_size",
+                                          "text_length": "TinyTask.text_length"})
 
     def optimizer_groups(self):
         if not self.two_groups:
@@ -46,7 +60,7 @@ class TinyTask(Task):
         ids = batch["text"]["text_ids"]
         real = ops.cast(ops.not_equal(ids, 0), "float32")
         if self.random_mask:
-            draw = keras.random.uniform(ops.shape(ids), seed=seed)
+            draw = rng.uniform(ops.shape(ids), seed)
         else:  # every third position: the same whatever the replica count
             draw = ops.cast(ops.arange(self.text_length) % 3 == 0, "float32")[None] * 0 + ops.cast(
                 ops.arange(self.text_length) % 3 != 0, "float32")[None] + ops.zeros(ops.shape(ids))

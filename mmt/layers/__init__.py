@@ -1,6 +1,6 @@
 """Transformer building blocks shared by every mmt model.
 
-`keras.ops` / `keras.layers` / `keras.random` only: importing this package imports
+`keras.ops` / `keras.layers` / `mmt.rng` only: importing this package imports
 neither TensorFlow nor gin, so models built from it run under any Keras backend
 (`KERAS_BACKEND=jax` included).
 """
@@ -18,6 +18,7 @@ from mmt.layers.attention import (
     padding_mask,
     prefix_mask,
 )
+from mmt.layers.dropout import Dropout
 from mmt.layers.embeddings import (
     LearnedPositionEmbedding,
     ModalityEmbedding,
@@ -29,6 +30,7 @@ from mmt.layers.heads import LogitsHead
 from mmt.layers.transformer import Mlp, TransformerBlock, TransformerStack
 
 __all__ = [
+    "Dropout",
     "LearnedPositionEmbedding",
     "LogitsHead",
     "Mlp",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from mmt.sampling import seeds
+from mmt import rng
 
 # Uniform draws are kept in [_TINY, 1) so that -log(-log(u)) stays finite.
 _TINY = 1e-20
@@ -33,7 +33,7 @@ def _one_hot_argmax(x):
 
 def gumbel_noise(shape, seed, dtype="float32"):
     """Standard Gumbel samples `-log(-log(u))`, `u ~ U[tiny, 1)`: float [*shape]."""
-    u = seeds.uniform(shape, seed, minval=_TINY, maxval=1.0)
+    u = rng.uniform(shape, seed, minval=_TINY, maxval=1.0)
     return ops.cast(-ops.log(-ops.log(u)), dtype)
 
 

@@ -25,8 +25,8 @@ from typing import Mapping
 
 import numpy as np
 from keras import ops
-from keras import random as krandom
 
+from mmt import rng
 from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models import upgen_inference
 from mmt.models.upgen import IMAGE, TEXT, UPGen
@@ -140,7 +140,7 @@ class UPGenTask(Task):
         is_text = ops.cast(self.model.type_ids(modalities), "bool")[None]  # TYPE_IDS[TEXT] == 1
         image_only = random_mask((batch, length), ratio, seed, ops.logical_and(allowed, ops.logical_not(is_text)))
         text_only = random_mask((batch, length), ratio, seed, ops.logical_and(allowed, is_text))
-        which = krandom.randint((batch, 1), 0, 3, seed=seed)
+        which = rng.randint((batch, 1), 0, 3, seed)
         return ops.where(which == 0, joint, ops.where(which == 1, image_only, text_only))
 
     def fixed_mask(self, ids, modalities, seed):
@@ -207,6 +207,22 @@ class UPGenTask(Task):
         from mmt.tokenizers.loading import text_vocab_fingerprint
 
         return text_vocab_fingerprint(self.text_vocab_path)
+
+    def data_expectations(self):
+        """What the network needs from the data (checked against manifests before step 1)."""
+        from mmt.training.data_check import DataExpectations
+
+        m = self.model
+        return DataExpectations(
+            image_vocab_size=m.image_vocab_size, grid=m.grid, text_vocab_size=m.text_vocab_size,
+            text_length=m.text_length, special_text_ids={"eos_id": m.eos_id, "pad_id": m.pad_id},
+            image_tokenizer_fingerprint=self.image_tokenizer_fingerprint,
+            text_vocab_fingerprint=self.text_vocab_fingerprint,
+            bindings={"image_vocab_size": "UPGenTask.network['image_vocab_size']", "grid": "UPGenTask.network['grid']",
+                      "text_vocab_size": "UPGenTask.network['text_vocab_size']",
+                      "text_length": "UPGenTask.network['text_length']",
+                      "image_tokenizer_fingerprint": "UPGenTask.image_tokenizer",
+                      "text_vocab_fingerprint": "UPGenTask.text_vocab"})
 
     def tokenizers(self):
         """(image tokenizer, text tokenizer), loaded once; needs both paths."""
@@ -307,7 +323,7 @@ def _seed_array(seed: int) -> np.ndarray:
 
 
 def _seed(seed_array):
-    from mmt.sampling.seeds import FixedSeed
+    from mmt.rng import FixedSeed
 
     return FixedSeed(seed_array)
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 from keras import ops
 
-from mmt.sampling import seeds as seeds_lib
+from mmt import rng
 from mmt.sampling.mask_schedule import masked_counts
 
 # Logits of excluded tokens (outside token_range, the mask token): finite, so that
@@ -104,7 +104,7 @@ def decode(
         raise ValueError("tokens needs a static shape [B, N] (e.g. drop_remainder=True).")
     total = ops.sum(ops.cast(tokens == mask_id, "int32"), axis=-1)  # [B]
     counts = masked_counts(num_steps, total, schedule)  # [S, B] still masked after step s
-    step_seeds = seeds_lib.step_seeds(seed, num_steps)  # [S, 2]
+    step_seeds = rng.step_seeds(seed, num_steps)  # [S, 2]
 
     def guided_logits(current, step):
         logits = ops.cast(logits_fn(current), "float32")  # [B, N, V]
@@ -118,10 +118,10 @@ def decode(
 
     def step_fn(step, state):
         current = state[0]  # [B, N]
-        step_seed = seeds_lib.seed_at(step_seeds, step)
+        step_seed = rng.seed_at(step_seeds, step)
         logits = guided_logits(current, step)  # [B, N, V]
         unknown = current == mask_id
-        sampled = seeds_lib.categorical(logits, step_seed, sampling_temperature)
+        sampled = rng.categorical(logits, step_seed, sampling_temperature)
         sampled = ops.where(unknown, sampled, current)
         if order == "left_to_right":  # keep the leftmost: confidence falls with the position
             confidence = ops.broadcast_to(-ops.cast(ops.arange(length), "float32")[None], (batch, length))
@@ -130,7 +130,7 @@ def decode(
             chosen = ops.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]  # [B, N]
             # MaskGIT's annealed randomness in the choice of which samples to keep.
             anneal = 1.0 - ops.cast(step + 1, "float32") / num_steps
-            noise = seeds_lib.gumbel((batch, length), step_seed)
+            noise = rng.gumbel((batch, length), step_seed)
             confidence = chosen + choice_temperature * anneal * noise
         confidence = ops.where(unknown, confidence, float("inf"))  # fixed: never re-masked
         # Re-mask the `remask` least confident positions: exact counts via ranks.

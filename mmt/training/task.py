@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from keras import ops
-from keras.random import SeedGenerator
-from keras.src.backend import random_seed_dtype  # the backend's seed dtype (no public alias)
+from mmt.rng import StepSeed  # noqa: F401  (re-exported: the seed tasks receive)
 
 
 class Ratio(NamedTuple):
@@ -124,26 +122,6 @@ class Task:
         """Top-level components for the parameter breakdown of `--dry_run`."""
         layers = getattr(self.model, "_layers", None) or getattr(self.model, "layers", [])
         return {layer.name: layer for layer in layers}
-
-
-class StepSeed(SeedGenerator):
-    """A stateless seed generator for one replica's step: pass it as `seed=` to `keras.random`.
-
-    Keras's own `SeedGenerator` keeps its state in a variable, which a step would have
-    to update (and a checkpoint to carry, and replicas to disagree about). This one is
-    derived from (run seed, step, replica) by the trainer and counts its draws at trace
-    time, so every random draw of a step is a pure function of those three numbers:
-    a resumed run redraws exactly what the uninterrupted run drew.
-    """
-
-    def __init__(self, seed):
-        # Not calling super().__init__: there is no state variable to create.
-        self._seed = ops.convert_to_tensor(seed, random_seed_dtype())
-        self._draws = 0
-
-    def next(self, ordered=True):
-        self._draws += 1
-        return ops.stack([self._seed[0], self._seed[1] + self._draws * 1_000_003])
 
 
 def parameter_breakdown(components: Mapping[str, Any]) -> list[tuple[str, int, int]]:
