@@ -154,13 +154,13 @@ def _check_split(data_dir: str, split: str, manifest) -> int:
 
 def verify(data_dir: str, *, image_tokenizer: str = "", text_vocab: str = "", modules: Sequence[str] = ()) -> dict:
     """Checks `data_dir`; returns {split: records} or raises `VerifyError`."""
-    from mmt.data import features
-
     data_dir = data_dir.rstrip("/")
     if not FileSystems.exists(FileSystems.join(data_dir, resources.COMPLETED)):
         what = ("does not exist" if not FileSystems.exists(data_dir) else
                 f"has no {resources.COMPLETED} marker: the run did not finish (or an --overwrite is swapping it)")
         raise VerifyError(f"{data_dir} {what}")
+    from mmt.data import features  # imports TensorFlow: not needed for the checks above
+
     try:
         manifest = features.read_manifest(data_dir)
     except (FileNotFoundError, ValueError) as e:
