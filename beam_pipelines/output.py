@@ -36,6 +36,7 @@ rename is a copy and a delete per object, which is why the markers go first and 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -127,13 +128,12 @@ def check_writable(directory: str) -> None:
 
 def staging_dirs(output_dir: str) -> list[str]:
     """The staging siblings of `output_dir` (of this run, of killed runs, of an interrupted swap)."""
-    parent, name = output_dir.rstrip("/").rsplit("/", 1)
-    # `*` stops at a '/': locally it lists the directories, on GCS (objects only) `**`
-    # lists the objects under them.
-    wildcard = "**" if "://" in output_dir else "*"
-    found = FileSystems.match([_join(parent, f"{name}{_STAGING}{wildcard}")])[0].metadata_list
-    prefix = _join(parent, name + _STAGING)
-    # Locally the match lists the directories; on GCS the objects under them.
+    prefix = output_dir.rstrip("/") + _STAGING
+    if "://" not in prefix:
+        # Beam's local match lists files only; an empty staging directory counts too.
+        return sorted(glob.glob(glob.escape(prefix) + "*"))
+    # GCS has objects only: list those under the prefix and cut their directory names.
+    found = FileSystems.match([prefix + "**"])[0].metadata_list
     return sorted({prefix + m.path[len(prefix):].split("/", 1)[0] for m in found if m.path.startswith(prefix)})
 
 
