@@ -226,7 +226,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[TokenizeConfig, list[str]]:
     settings = {k: v for k, v in vars(known).items() if k != "verbose"}
     unknown = unknown_beam_flags(rest)
     if unknown:
-        raise UserError(f"unknown flag {', '.join(unknown)}: neither a tokenize flag nor a Beam pipeline "
+        raise UserError(f"unknown argument {' '.join(unknown)}: neither a tokenize flag nor a Beam pipeline "
                         f"option (`{parser.prog} --help` lists the flags)")
     try:
         return TokenizeConfig(**settings), rest
@@ -235,21 +235,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[TokenizeConfig, list[str]]:
 
 
 def unknown_beam_flags(args: Sequence[str]) -> list[str]:
-    """The flags in `args` that Beam's `PipelineOptions` would discard (a misspelt flag).
+    """The arguments in `args` that Beam's `PipelineOptions` would discard (a misspelt flag, a stray word).
 
-    Beam only logs a warning and drops them, so `--num_shard=3` would silently run with
+    Beam only logs a warning and drops them, so `--num_shardz=3` would silently run with
     the default shard count.
     """
     import logging
 
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    options = PipelineOptions(list(args))
+    parsers = []  # Beam's own parser of every registered option, caught as it is built
     beam_logger = logging.getLogger("apache_beam.options.pipeline_options")
     level = beam_logger.level
     beam_logger.setLevel(logging.ERROR)  # its "Discarding unparseable args" warning; we say it better
     try:
-        names = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+        PipelineOptions(list(args)).get_all_options(add_extra_args_fn=parsers.append)
     finally:
         beam_logger.setLevel(level)
-    return sorted(f"--{name}" for name in names)
+    return parsers[0].parse_known_args(list(args))[1]

@@ -50,6 +50,7 @@ def _paired(root: Path, tokenizer: str, *extra: str) -> list[str]:
 CASES = [
     ("bad_choice", "tokenize", lambda r: ["--source=bogus", f"--output_dir={r / 'o'}"], "--source"),
     ("unknown_flag", "tokenize", lambda r: _text(r, f"--output_dir={r / 'o'}", "--num_shardz=3"), "--num_shardz"),
+    ("stray_argument", "tokenize", lambda r: _text(r, f"--output_dir={r / 'o'}", "stray_word"), "stray_word"),
     ("bad_number", "tokenize", lambda r: _text(r, f"--output_dir={r / 'o'}", "--num_shards=0"), "--num_shards"),
     ("no_output_dir", "tokenize", lambda r: _text(r), "--output_dir"),
     ("no_input", "tokenize", lambda r: ["--source=tsv", f"--output_dir={r / 'o'}", "--image_tokenizer=t",
