@@ -377,7 +377,7 @@ def test_t5_preset_on_disk_is_the_frozen_text_encoder(tmp_path):
     np.testing.assert_allclose(np.asarray(soft)[valid], np.asarray(reference)[valid], rtol=1e-5, atol=1e-5)
 
     # Frozen: no T5 weight is trainable, and training steps leave every one of them as it was.
-    t5_weights = m.text_encoder.backbone.weights
+    t5_weights = m.text_encoder.weights
     assert not {id(v) for v in t5_weights} & {id(v) for v in m.trainable_variables}
     before = [np.array(v) for v in t5_weights]
     others = [np.array(v) for v in m.trainable_variables]

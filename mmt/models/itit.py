@@ -49,15 +49,20 @@ class ITIT(keras.Model):
       text_vocab_size: text vocabulary `V_t` (ignored with a T5 preset: T5's).
       text_length: static text length L (64 in the paper).
       text_encoder: "trainable", or the path of a local keras-hub T5 preset.
+      text_encoder_dtype: dtype of a preset's frozen weights (e.g. "bfloat16"); None:
+        the model's policy.
       drop_ratio: fraction of image tokens dropped from the encoder input (0.5).
       dropout: inside every transformer block (0.1 in Table 3).
+      drop_path: stochastic depth of every stack, rising linearly to this rate over its
+        blocks (not in the paper; 0 by default).
       bos_id, eos_id, pad_id: text conventions (mmt.tokenizers.text).
       size_overrides: fields of `ITITSize` to change.
     """
 
     def __init__(self, size: str = "tiny", image_vocab_size: int = 1024, grid=(16, 16),
                  text_vocab_size: int = 256, text_length: int = 64, text_encoder: str = "trainable",
-                 drop_ratio: float = 0.5, dropout: float = 0.0, bos_id: int = 3, eos_id: int = 1,
+                 text_encoder_dtype: str | None = None,
+                 drop_ratio: float = 0.5, dropout: float = 0.0, drop_path: float = 0.0, bos_id: int = 3, eos_id: int = 1,
                  pad_id: int = 0, size_overrides=None, **kwargs):
         super().__init__(**kwargs)
         self.size_name, self.size_overrides = size, dict(size_overrides or {})
@@ -69,17 +74,18 @@ class ITIT(keras.Model):
             raise ValueError(f"drop_ratio must be in [0, 0.5] (masking ratio is >= 0.5), got {drop_ratio}")
         self.drop_ratio = float(drop_ratio)
         self.num_dropped = int(self.num_image_tokens * drop_ratio)
-        self.text_length, self.dropout = int(text_length), float(dropout)
+        self.text_length, self.dropout, self.drop_path = int(text_length), float(dropout), float(drop_path)
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.mask_id = self.image_vocab_size
-        self.text_encoder_spec = text_encoder
+        self.text_encoder_spec, self.text_encoder_dtype = text_encoder, text_encoder_dtype
         if text_encoder == "trainable":
             self.text_encoder = TrainableTextEncoder(
                 text_vocab_size, text_length, cfg.text_encoder_width or cfg.encoder_width,
                 cfg.text_encoder_depth, cfg.encoder_heads, pad_id=pad_id, dropout=dropout, name="text_encoder")
             self.text_vocab_size = int(text_vocab_size)
         else:
-            self.text_encoder = T5TextEncoder(text_encoder, pad_id=pad_id, name="text_encoder")
+            self.text_encoder = T5TextEncoder(text_encoder, pad_id=pad_id, weights_dtype=text_encoder_dtype,
+                                              name="text_encoder")
             self.text_vocab_size = self.text_encoder.vocab_size
         width, dec = cfg.encoder_width, cfg.decoder_width
         # Encoder.
@@ -87,12 +93,12 @@ class ITIT(keras.Model):
         self.image_position = LearnedPositionEmbedding(self.num_image_tokens, width, name="image_position")
         self.text_projection = keras.layers.Dense(width, name="text_projection")
         self.encoder = TransformerStack(cfg.encoder_depth, cfg.encoder_heads, cfg.mlp_ratio * width,
-                                        dropout=dropout, name="encoder")
+                                        dropout=dropout, drop_path=drop_path, name="encoder")
         # Image decoder (MAGE).
         self.image_decoder_projection = keras.layers.Dense(dec, name="image_decoder_projection")
         self.image_decoder_position = LearnedPositionEmbedding(self.num_image_tokens, dec, name="image_decoder_position")
         self.image_decoder = TransformerStack(cfg.image_decoder_depth, cfg.decoder_heads, cfg.mlp_ratio * dec,
-                                              dropout=dropout, name="image_decoder")
+                                              dropout=dropout, drop_path=drop_path, name="image_decoder")
         self.image_head = keras.layers.Dense(self.image_vocab_size, dtype="float32", name="image_head")
         # Text decoder (GIT).
         self.text_decoder_projection = keras.layers.Dense(dec, name="text_decoder_projection")
@@ -100,7 +106,7 @@ class ITIT(keras.Model):
                                              name="text_embedding")
         self.text_decoder_position = LearnedPositionEmbedding(self.text_length, dec, name="text_decoder_position")
         self.text_decoder = TransformerStack(cfg.text_decoder_depth, cfg.decoder_heads, cfg.mlp_ratio * dec,
-                                             dropout=dropout, name="text_decoder")
+                                             dropout=dropout, drop_path=drop_path, name="text_decoder")
 
     def build(self, input_shape=None):
         self.image_decoder_mask_token = self.add_weight(
@@ -243,6 +249,7 @@ class ITIT(keras.Model):
     def get_config(self):
         return {**super().get_config(), "size": self.size_name, "image_vocab_size": self.image_vocab_size,
                 "grid": list(self.grid), "text_vocab_size": self.text_vocab_size, "text_length": self.text_length,
-                "text_encoder": self.text_encoder_spec, "drop_ratio": self.drop_ratio, "dropout": self.dropout,
+                "text_encoder": self.text_encoder_spec, "text_encoder_dtype": self.text_encoder_dtype,
+                "drop_ratio": self.drop_ratio, "dropout": self.dropout, "drop_path": self.drop_path,
                 "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "size_overrides": self.size_overrides}

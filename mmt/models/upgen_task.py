@@ -31,7 +31,7 @@ from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models import upgen_inference
 from mmt.models.upgen import IMAGE, TEXT, UPGen
 from mmt.sampling.mask_schedule import random_mask, uniform_mask_ratio
-from mmt.training.task import Ratio, Task
+from mmt.training.task import Ratio, Task, task_arguments
 
 #: UPGen §4.1 / Table 5: image 1.0, paired text 0.1, unpaired text 0.01. Unpaired images
 #: (not used in the paper's main runs) count like paired ones.
@@ -85,6 +85,7 @@ class UPGenTask(Task):
                  text_mask_ratio: float = 0.15, paired_masking: str = "joint", mask_padding: bool = True,
                  loss_weights: Mapping[str, float] | None = None, image_tokenizer: str | None = None,
                  text_vocab: str | None = None, generation: Mapping | None = None, compile_inference: bool = True):
+        self.arguments = task_arguments(locals())
         if not 0.0 <= mask_min < mask_max <= 1.0:
             raise ValueError(f"UPGenTask needs 0 <= mask_min < mask_max <= 1, got {mask_min}, {mask_max}")
         if not 0.0 < text_mask_ratio <= 1.0:

@@ -155,7 +155,7 @@ class DVAETask(Task):
         images = np.asarray(batch[self.stream]["image"])
         return {"codes": self.tokenizer.encode(images).reshape(-1)}
 
-    def export(self, directory: str) -> None:
+    def export(self, directory: str, step: int | None = None) -> None:
         self.tokenizer.save(directory)
 
 

@@ -253,7 +253,7 @@ class VQGANTask(Task):
         return {"codes": self.tokenizer.encode(images).reshape(-1),
                 "code_usage": np.asarray(ops.convert_to_numpy(self.tokenizer.quantizer.usage))}
 
-    def export(self, directory: str) -> None:
+    def export(self, directory: str, step: int | None = None) -> None:
         self.tokenizer.save(directory)
 
 

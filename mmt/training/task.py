@@ -48,6 +48,11 @@ class OptimizerGroup:
     variable_prefixes: tuple[str, ...] = ()
 
 
+def task_arguments(local_variables: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's constructor arguments from `locals()` taken first thing in its `__init__`."""
+    return {k: v for k, v in local_variables.items() if k not in ("self", "__class__")}
+
+
 class Task:
     """Base class of everything the trainer trains. Subclasses set `model` in `__init__`.
 
@@ -111,11 +116,34 @@ class Task:
         """name -> 1-D array for TensorBoard histograms (e.g. code usage); same cadence as images."""
         return {}
 
-    def export(self, directory: str) -> None:
-        """Writes the trained artefact (e.g. a tokenizer via `ImageTokenizer.save`) when the run completes."""
+    #: The constructor's arguments (`task_arguments(locals())` first thing in `__init__`):
+    #: what an export records to rebuild the task without gin or a `Trainer`.
+    arguments: Mapping[str, Any] | None = None
+
+    def export(self, directory: str, step: int | None = None) -> None:
+        """Writes the trained artefact when the run completes.
+
+        Default: the model's weights and the task's arguments (`mmt.exports`), which
+        `mmt.generate` / `mmt.evaluate` load under any Keras backend. Tokenizer tasks
+        write the tokenizer instead (`ImageTokenizer.save`).
+        """
+        from mmt import exports
+
+        exports.save_task(self, directory, step)
 
     def evaluate(self, step: int) -> Mapping[str, float]:
         """Periodic evaluation: name -> scalar, written to the summaries."""
+        return {}
+
+    def frozen_parts(self) -> Mapping[str, Any]:
+        """Parts loaded from outside files and never trained: name -> layer.
+
+        A frozen part has `source` (the file or directory it was loaded from) and
+        `fingerprint` (of what was loaded). Checkpoints and exports leave its weights
+        out and record its source and fingerprint instead (a frozen T5-XXL encoder is
+        19 GB per checkpoint otherwise); resuming refuses a part whose fingerprint
+        changed. Default: none.
+        """
         return {}
 
     def component_layers(self) -> Mapping[str, Any]:
