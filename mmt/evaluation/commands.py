@@ -127,7 +127,7 @@ def fid(args) -> int:
         model = FIDInception.from_file(args.inception_weights)
     except ValueError as e:
         raise UserError(str(e)) from e
-    extractor = fid_lib.FIDExtractor(model, resolution=args.resolution)
+    extractor = fid_lib.FIDExtractor(model, resolution=args.resolution, batch_size=args.batch_size)
     start = time.perf_counter()
 
     if reference_files is not None:

@@ -120,10 +120,11 @@ class FIDExtractor:
     Args:
       model: a built `FIDInception` (weights loaded).
       resolution: network input side (299 under the protocol; tests use less).
+      batch_size: images per network call (static shapes: compiled once per image size).
       jit: compile preprocess + network with the backend's XLA.
     """
 
-    def __init__(self, model, resolution: int = 299, jit: bool = True):
+    def __init__(self, model, resolution: int = 299, batch_size: int = 64, jit: bool = True):
         from keras import ops
 
         from mmt.evaluation import fid_inception
@@ -131,6 +132,7 @@ class FIDExtractor:
 
         self.model = model
         self.resolution = int(resolution)
+        self.batch_size = int(batch_size)
 
         def features(images):
             return model(fid_inception.preprocess(images, self.resolution))
@@ -139,11 +141,22 @@ class FIDExtractor:
         self._to_numpy = ops.convert_to_numpy
 
     def features(self, images) -> np.ndarray:
-        """uint8 [B, H, W, 3] -> float32 [B, 2048]."""
+        """uint8 [B, H, W, 3] -> float32 [B, 2048].
+
+        The network always sees `batch_size` images (a short batch is padded, the padding
+        dropped), so one image size compiles once.
+        """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {list(images.shape)}")
-        return np.asarray(self._to_numpy(self._features(images)), np.float32)
+        out = []
+        for first in range(0, len(images), self.batch_size):
+            chunk = images[first:first + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_size - n, *chunk.shape[1:]), np.uint8)])
+            out.append(np.asarray(self._to_numpy(self._features(chunk)), np.float32)[:n])
+        return np.concatenate(out) if out else np.zeros((0, 2048), np.float32)
 
     def statistics(self, batches: Iterable[np.ndarray], progress=None) -> FeatureStatistics:
         """Statistics of every image of `batches` (uint8 [B, H, W, 3] each).

@@ -71,14 +71,23 @@ class ResBlock(keras.layers.Layer):
     Args:
       filters: output channels.
       num_groups: GroupNorm groups (MaskGIT: 32; see `group_norm`).
+      shortcut_from: what the 1x1 shortcut projects when the width changes: "input"
+        (the block's input, Esser et al.) or "branch" (the residual branch's output,
+        as MaskGIT's released `vqgan_tokenizer.ResBlock` does: `x + conv1x1(x)`;
+        needed to import its checkpoint).
 
     Call: float `[B, H, W, C]` -> float `[B, H, W, filters]`.
     """
 
-    def __init__(self, filters: int, num_groups: int = 32, **kwargs):
+    SHORTCUTS = ("input", "branch")
+
+    def __init__(self, filters: int, num_groups: int = 32, shortcut_from: str = "input", **kwargs):
         super().__init__(**kwargs)
+        if shortcut_from not in self.SHORTCUTS:
+            raise ValueError(f"ResBlock.shortcut_from must be one of {self.SHORTCUTS}, got {shortcut_from!r}")
         self.filters = int(filters)
         self.num_groups = int(num_groups)
+        self.shortcut_from = shortcut_from
         policy = self.dtype_policy
         self.norm1 = None  # built with the input width
         self.conv1 = _conv(self.filters, 3, "conv1", policy)
@@ -96,19 +105,24 @@ class ResBlock(keras.layers.Layer):
         self.conv2.build(out_shape)
         if channels != self.filters:
             self.shortcut = _conv(self.filters, 1, "shortcut", self.dtype_policy)
-            self.shortcut.build(input_shape)
+            self.shortcut.build(input_shape if self.shortcut_from == "input" else out_shape)
         self.built = True
 
     def call(self, x):
         h = self.conv1(ops.silu(self.norm1(x)))
         h = self.conv2(ops.silu(self.norm2(h)))
-        return h + (x if self.shortcut is None else self.shortcut(x))
+        if self.shortcut is None:
+            return h + x
+        return h + self.shortcut(x if self.shortcut_from == "input" else h)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.filters)
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters, "num_groups": self.num_groups}
+        config = {**super().get_config(), "filters": self.filters, "num_groups": self.num_groups}
+        if self.shortcut_from != "input":  # configs saved before the option stay unchanged
+            config["shortcut_from"] = self.shortcut_from
+        return config
 
 
 @keras.saving.register_keras_serializable(package="mmt")

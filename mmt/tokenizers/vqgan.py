@@ -30,6 +30,8 @@ from mmt.layers.conv import Downsample, LayerChain, ResBlock, Upsample, build_ch
 from mmt.layers.quantizers import VectorQuantizer
 from mmt.tokenizers.image import ImageTokenizer, register_tokenizer
 
+PIXEL_RANGES = ("symmetric", "unit")
+
 
 @keras.saving.register_keras_serializable(package="mmt")
 class Encoder(LayerChain):
@@ -43,25 +45,27 @@ class Encoder(LayerChain):
       embedding_dim: output width.
       num_groups: GroupNorm groups.
       downsample_mode: `Downsample.mode` ("avg_pool" as MaskGIT, or "conv").
+      shortcut_from: `ResBlock.shortcut_from` ("branch" as MaskGIT's release).
     """
 
     def __init__(self, filters: int, channel_multipliers: Sequence[int], num_res_blocks: int, embedding_dim: int,
-                 num_groups: int = 32, downsample_mode: str = "avg_pool", **kwargs):
+                 num_groups: int = 32, downsample_mode: str = "avg_pool", shortcut_from: str = "input", **kwargs):
         super().__init__(**kwargs)
         self.filters, self.channel_multipliers = int(filters), tuple(int(m) for m in channel_multipliers)
         self.num_res_blocks, self.embedding_dim = int(num_res_blocks), int(embedding_dim)
         self.num_groups, self.downsample_mode = int(num_groups), downsample_mode
+        self.shortcut_from = shortcut_from
         policy = self.dtype_policy
         layers = [keras.layers.Conv2D(self.filters, 3, padding="same", name="conv_in", dtype=policy)]
         levels = len(self.channel_multipliers)
         for i, multiplier in enumerate(self.channel_multipliers):
             width = self.filters * multiplier
-            layers += [ResBlock(width, self.num_groups, name=f"level_{i}_block_{j}", dtype=policy)
+            layers += [ResBlock(width, self.num_groups, shortcut_from, name=f"level_{i}_block_{j}", dtype=policy)
                        for j in range(self.num_res_blocks)]
             if i < levels - 1:
                 layers.append(Downsample(downsample_mode, name=f"level_{i}_down", dtype=policy))
         width = self.filters * self.channel_multipliers[-1]
-        layers += [ResBlock(width, self.num_groups, name=f"middle_block_{j}", dtype=policy)
+        layers += [ResBlock(width, self.num_groups, shortcut_from, name=f"middle_block_{j}", dtype=policy)
                    for j in range(self.num_res_blocks)]
         self._set_chain(layers)
         self.norm_out = group_norm(width, self.num_groups, "norm_out", policy)
@@ -87,7 +91,8 @@ class Encoder(LayerChain):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "channel_multipliers": list(self.channel_multipliers),
                 "num_res_blocks": self.num_res_blocks, "embedding_dim": self.embedding_dim,
-                "num_groups": self.num_groups, "downsample_mode": self.downsample_mode}
+                "num_groups": self.num_groups, "downsample_mode": self.downsample_mode,
+                "shortcut_from": self.shortcut_from}
 
 
 @keras.saving.register_keras_serializable(package="mmt")
@@ -99,18 +104,19 @@ class Decoder(LayerChain):
     """
 
     def __init__(self, filters: int, channel_multipliers: Sequence[int], num_res_blocks: int,
-                 num_groups: int = 32, **kwargs):
+                 num_groups: int = 32, shortcut_from: str = "input", **kwargs):
         super().__init__(**kwargs)
         self.filters, self.channel_multipliers = int(filters), tuple(int(m) for m in channel_multipliers)
         self.num_res_blocks, self.num_groups = int(num_res_blocks), int(num_groups)
+        self.shortcut_from = shortcut_from
         policy = self.dtype_policy
         width = self.filters * self.channel_multipliers[-1]
         layers = [keras.layers.Conv2D(width, 3, padding="same", name="conv_in", dtype=policy)]
-        layers += [ResBlock(width, self.num_groups, name=f"middle_block_{j}", dtype=policy)
+        layers += [ResBlock(width, self.num_groups, shortcut_from, name=f"middle_block_{j}", dtype=policy)
                    for j in range(self.num_res_blocks)]
         for i in reversed(range(len(self.channel_multipliers))):
             width = self.filters * self.channel_multipliers[i]
-            layers += [ResBlock(width, self.num_groups, name=f"level_{i}_block_{j}", dtype=policy)
+            layers += [ResBlock(width, self.num_groups, shortcut_from, name=f"level_{i}_block_{j}", dtype=policy)
                        for j in range(self.num_res_blocks)]
             if i > 0:
                 layers.append(Upsample(name=f"level_{i}_up", dtype=policy))
@@ -141,7 +147,8 @@ class Decoder(LayerChain):
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "channel_multipliers": list(self.channel_multipliers),
-                "num_res_blocks": self.num_res_blocks, "num_groups": self.num_groups}
+                "num_res_blocks": self.num_res_blocks, "num_groups": self.num_groups,
+                "shortcut_from": self.shortcut_from}
 
 
 @register_tokenizer
@@ -166,6 +173,11 @@ class VQGAN(ImageTokenizer):
         dead-code restarts from recent encoder outputs (see `VectorQuantizer`).
       num_groups: GroupNorm groups (MaskGIT: 32).
       downsample_mode: "avg_pool" (MaskGIT) or "conv".
+      shortcut_from: `ResBlock.shortcut_from`: "input", or "branch" as MaskGIT's released
+        checkpoint (`mmt.tokenizers.converters.maskgit_vqgan`).
+      pixel_range: the range the networks see: "symmetric" ([-1, 1]) or "unit" ([0, 1],
+        MaskGIT's release: its zero padding is black in that range, so imported
+        weights see exactly their own inputs). Outside, images are uint8 either way.
     """
 
     def __init__(
@@ -188,6 +200,8 @@ class VQGAN(ImageTokenizer):
         restart_sampling: str = "error",
         num_groups: int = 32,
         downsample_mode: str = "avg_pool",
+        shortcut_from: str = "input",
+        pixel_range: str = "symmetric",
         **kwargs,
     ):
         channel_multipliers = tuple(int(m) for m in channel_multipliers)
@@ -201,8 +215,12 @@ class VQGAN(ImageTokenizer):
         self.embedding_dim = int(embedding_dim)
         self.num_groups = int(num_groups)
         self.downsample_mode = downsample_mode
+        if pixel_range not in PIXEL_RANGES:
+            raise ValueError(f"VQGAN.pixel_range must be one of {PIXEL_RANGES}, got {pixel_range!r}")
+        self.shortcut_from, self.pixel_range = shortcut_from, pixel_range
         self.encoder = Encoder(self.filters, channel_multipliers, self.num_res_blocks, self.embedding_dim,
-                               self.num_groups, downsample_mode, name="encoder", dtype=self.dtype_policy)
+                               self.num_groups, downsample_mode, shortcut_from, name="encoder",
+                               dtype=self.dtype_policy)
         # The lookup runs in float32 whatever the policy: distances between nearby codes
         # are too fine for bfloat16.
         self.quantizer = VectorQuantizer(
@@ -211,7 +229,7 @@ class VQGAN(ImageTokenizer):
             restart_dead_codes=restart_dead_codes, restart_threshold=restart_threshold, usage_decay=usage_decay,
             buffer_size=buffer_size, restart_sampling=restart_sampling, name="quantizer", dtype="float32")
         self.decoder = Decoder(self.filters, channel_multipliers, self.num_res_blocks, self.num_groups,
-                               name="decoder", dtype=self.dtype_policy)
+                               shortcut_from, name="decoder", dtype=self.dtype_policy)
 
     # -- building ------------------------------------------------------------------
 
@@ -230,13 +248,22 @@ class VQGAN(ImageTokenizer):
 
     # -- the ImageTokenizer interface ----------------------------------------------------
 
+    def _network_input(self, images):
+        """[-1, 1] images -> the range the encoder was trained on (`pixel_range`)."""
+        return (images + 1.0) * 0.5 if self.pixel_range == "unit" else images
+
+    def _network_output(self, images):
+        """Decoder output (`pixel_range`) -> float32 in [-1, 1]."""
+        images = ops.cast(images, "float32")
+        return images * 2.0 - 1.0 if self.pixel_range == "unit" else images
+
     def encode_codes(self, images):
         """float [B, H, W, 3] in [-1, 1] -> int32 [B, h, w]."""
-        return self.quantizer.nearest_codes(self.encoder(images))
+        return self.quantizer.nearest_codes(self.encoder(self._network_input(images)))
 
     def decode_codes(self, codes):
         """int32 [B, h, w] -> float32 [B, H, W, 3], roughly in [-1, 1]."""
-        return ops.cast(self.decoder(self.quantizer.lookup(codes)), "float32")
+        return self._network_output(self.decoder(self.quantizer.lookup(codes)))
 
     def call(self, images, training=False, seed=None):
         """Reconstruction through the quantizer (what training sees).
@@ -249,8 +276,8 @@ class VQGAN(ImageTokenizer):
         Returns:
           (reconstruction float32 [B, H, W, 3], codes int32 [B, h, w], quantizer aux dict).
         """
-        z_q, codes, aux = self.quantizer(self.encoder(images), training=training, seed=seed)
-        return ops.cast(self.decoder(z_q), "float32"), codes, aux
+        z_q, codes, aux = self.quantizer(self.encoder(self._network_input(images)), training=training, seed=seed)
+        return self._network_output(self.decoder(z_q)), codes, aux
 
     def get_config(self):
         q = self.quantizer
@@ -274,6 +301,9 @@ class VQGAN(ImageTokenizer):
             "restart_sampling": q.restart_sampling,
             "num_groups": self.num_groups,
             "downsample_mode": self.downsample_mode,
+            # Only when not the default: configs (and fingerprints) saved before these options stay valid.
+            **({"shortcut_from": self.shortcut_from} if self.shortcut_from != "input" else {}),
+            **({"pixel_range": self.pixel_range} if self.pixel_range != "symmetric" else {}),
         }
 
 

@@ -206,6 +206,8 @@ def _load_legacy(data: bytes, safe, source: str):
     def plain(what):
         try:
             return _Unpickler(f, no_objects, _no_storage, source).load()
+        except UnsafePickleError:
+            raise
         except (pickle.UnpicklingError, EOFError, ValueError) as e:
             raise ValueError(f"{source}: not a torch file (cannot read its {what}: {e})") from e
 
