@@ -123,6 +123,7 @@ def fid(args) -> int:
     files = fid_lib.list_images(args.images)[: args.num_images] if args.images else None
     captions = read_captions(args.captions, args.num_images, args.seed) if args.workdir else None
     reference_files = fid_lib.list_images(args.reference) if args.reference else None
+    task, step = _load_task(args.workdir, "text_to_image") if args.workdir else (None, None)
     try:
         model = FIDInception.from_file(args.inception_weights)
     except ValueError as e:
@@ -140,11 +141,9 @@ def fid(args) -> int:
     else:
         mu_ref, sigma_ref, ref_count = fid_lib.load_statistics(args.reference_stats)
 
-    step = None
     if files is not None:
         stats = extractor.statistics(fid_lib.image_batches(files, args.batch_size, args.image_size))
     else:
-        task, step = _load_task(args.workdir, "text_to_image")
         options = {k: getattr(args, k) for k in ("num_steps", "guidance_scale") if getattr(args, k) is not None}
         save = Path(args.save_images) if args.save_images else None
         if save:
