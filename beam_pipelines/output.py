@@ -141,6 +141,18 @@ def new_staging_dir(output_dir: str) -> str:
     return f"{output_dir.rstrip('/')}{_STAGING}{uuid.uuid4().hex[:12]}"
 
 
+def discard_staging(staging: str) -> None:
+    """Deletes the staging directory of a failed run; a failure here is logged, not raised.
+
+    Called while the run's own error propagates: that error is the one to report, and
+    a staging directory left behind is removed by the next run anyway.
+    """
+    try:
+        _delete_tree(staging)
+    except Exception as e:  # noqa: BLE001 -- see the docstring
+        _log.warning("could not remove %s: %s", staging, e)
+
+
 def _new_run_files(staging: str) -> list[str]:
     """The data files of the complete run in `staging`, relative to it (from its stats.json)."""
     with FileSystems.open(_join(staging, STATS)) as handle:

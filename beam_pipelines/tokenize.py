@@ -146,8 +146,13 @@ def run(argv: Sequence[str] | None = None) -> dict:
     info = validate(config)
     write_dir = prepare_write_dir(config)
     options = PipelineOptions(beam_args)
-    with beam.Pipeline(options=options) as pipeline:
-        build_pipeline(pipeline, config, info, write_dir)
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, config, info, write_dir)
+    except BaseException:
+        if write_dir != config.output_dir:
+            output.discard_staging(write_dir)  # the previous output stays as it was
+        raise
     if write_dir != config.output_dir:
         output.swap_in(write_dir, config.output_dir)
         _log.info("replaced the previous run in %s", config.output_dir)

@@ -61,6 +61,22 @@ def test_overwrite_with_a_bad_input_keeps_the_previous_output(runs, tmp_path, ca
         assert _staging(out) == []
 
 
+def test_overwrite_failing_mid_pipeline_keeps_the_previous_output(runs, tmp_path, monkeypatch):
+    from beam_pipelines import writers
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("records were lost (injected)")
+
+    out = tmp_path / "out"
+    shutil.copytree(runs / "old", out)
+    before = _snapshot(out)
+    monkeypatch.setattr(writers, "accounting", lost)  # the last stage refuses to finish
+    with pytest.raises(Exception, match="records were lost"):
+        tokenize.run(_args(runs, out, "new.txt", "--overwrite"))
+    assert _snapshot(out) == before
+    assert _staging(out) == []  # the failed run's staging directory is gone too
+
+
 def test_successful_overwrite_replaces_the_output(runs, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(runs / "old", out)
