@@ -68,16 +68,8 @@ class OutputNotWritableError(UserError):
     """The output directory (or its staging sibling) cannot be created or written."""
 
 
-def _exists(path: str) -> bool:
-    return FileSystems.exists(path)
-
-
-def _join(*parts: str) -> str:
-    return FileSystems.join(*parts)
-
-
 def is_complete(directory: str) -> bool:
-    return _exists(_join(directory, COMPLETED))
+    return FileSystems.exists(FileSystems.join(directory, COMPLETED))
 
 
 def refuse_completed(output_dir: str, overwrite: bool) -> None:
@@ -94,7 +86,7 @@ def _matched(pattern: str) -> list[str]:
 def _delete_tree(directory: str) -> None:
     """Deletes a directory and everything in it (a prefix of objects on GCS)."""
     if "://" in directory:
-        paths = _matched(_join(directory, "**"))
+        paths = _matched(FileSystems.join(directory, "**"))
         if paths:
             FileSystems.delete(paths)
     elif os.path.isdir(directory):
@@ -105,7 +97,7 @@ def remove_previous_run(output_dir: str) -> list[str]:
     """Removes a run's files from `output_dir` (COMPLETED first); returns their paths."""
     removed = []
     for pattern in OUTPUT_PATTERNS:  # COMPLETED first: a crash mid-cleanup leaves no marker
-        paths = _matched(_join(output_dir, pattern))
+        paths = _matched(FileSystems.join(output_dir, pattern))
         if paths:
             FileSystems.delete(paths)
             removed += paths
@@ -114,7 +106,7 @@ def remove_previous_run(output_dir: str) -> list[str]:
 
 def check_writable(directory: str) -> None:
     """Creates `directory` if needed and writes a probe file into it; `OutputNotWritableError` if not."""
-    probe = _join(directory, f".write-probe-{uuid.uuid4().hex}")
+    probe = FileSystems.join(directory, f".write-probe-{uuid.uuid4().hex}")
     try:
         if "://" not in directory:
             os.makedirs(directory, exist_ok=True)
@@ -155,7 +147,7 @@ def discard_staging(staging: str) -> None:
 
 def _new_run_files(staging: str) -> list[str]:
     """The data files of the complete run in `staging`, relative to it (from its stats.json)."""
-    with FileSystems.open(_join(staging, STATS)) as handle:
+    with FileSystems.open(FileSystems.join(staging, STATS)) as handle:
         stats = json.loads(handle.read())
     return list(stats["shards"]) + list(stats["dead_letter_files"])
 
@@ -175,19 +167,20 @@ def swap_in(staging: str, output_dir: str) -> None:
         raise RuntimeError(f"refusing to swap in {staging}: it has no {COMPLETED}")
     names = _new_run_files(staging)
     for marker in (COMPLETED, MANIFEST, STATS):  # 2. hide the old run from every reader
-        if _exists(_join(output_dir, marker)):
-            FileSystems.delete([_join(output_dir, marker)])
+        if FileSystems.exists(FileSystems.join(output_dir, marker)):
+            FileSystems.delete([FileSystems.join(output_dir, marker)])
     if "://" not in output_dir:
-        os.makedirs(_join(output_dir, DEAD_LETTER_DIR), exist_ok=True)
+        os.makedirs(FileSystems.join(output_dir, DEAD_LETTER_DIR), exist_ok=True)
     for name in names:  # 3. move the new data in; a file moved by an interrupted swap is not in staging any more
-        if _exists(_join(staging, name)):
-            FileSystems.rename([_join(staging, name)], [_join(output_dir, name)])
-    keep = {_join(output_dir, name) for name in names}
-    stale = [path for pattern in OUTPUT_PATTERNS for path in _matched(_join(output_dir, pattern)) if path not in keep]
+        if FileSystems.exists(FileSystems.join(staging, name)):
+            FileSystems.rename([FileSystems.join(staging, name)], [FileSystems.join(output_dir, name)])
+    keep = {FileSystems.join(output_dir, name) for name in names}
+    stale = [path for pattern in OUTPUT_PATTERNS
+             for path in _matched(FileSystems.join(output_dir, pattern)) if path not in keep]
     if stale:  # 4. the old run's files the new one does not replace
         FileSystems.delete(stale)
     for marker in (STATS, MANIFEST, COMPLETED):  # 5. COMPLETED last
-        _copy_file(_join(staging, marker), _join(output_dir, marker))
+        _copy_file(FileSystems.join(staging, marker), FileSystems.join(output_dir, marker))
     _delete_tree(staging)  # 6.
 
 
