@@ -19,7 +19,7 @@ from mmt.losses.estimators import gumbel_softmax, straight_through_softmax
 from mmt.models import itit_inference
 from mmt.models.itit import ITIT
 from mmt.sampling.mask_schedule import random_mask, truncated_gaussian_mask_ratio
-from mmt.training.task import Ratio, Task
+from mmt.training.task import Ratio, Task, task_arguments
 
 CYCLE_MODES = ("off", "baseline", "half", "full")
 
@@ -54,12 +54,13 @@ class ITITTask(Task):
                  i2t_mask_max: float = 0.75, loss_weights: Mapping[str, float] | None = None,
                  image_tokenizer: str | None = None, text_vocab: str | None = None,
                  generation: Mapping | None = None):
+        self.arguments = task_arguments(locals())
         for name, mode in (("t2i2t", t2i2t), ("i2t2i", i2t2i)):
             if mode not in CYCLE_MODES:
                 raise ValueError(f"ITITTask.{name} must be one of {CYCLE_MODES}, got {mode!r}")
         if not (t2i or i2t or t2i2t != "off" or i2t2i != "off"):
             raise ValueError("ITITTask: every loss is switched off")
-        self.model = ITIT(**dict(network or {}))
+        self.model = ITIT(**text_conventions(dict(network or {}), text_vocab))
         if mask_min < self.model.drop_ratio:
             raise ValueError(
                 f"ITITTask.mask_min = {mask_min} is below the network's drop_ratio {self.model.drop_ratio}: the "
@@ -84,9 +85,9 @@ class ITITTask(Task):
 
     @property
     def image_tokenizer_fingerprint(self) -> str | None:
-        from mmt.tokenizers.image import ImageTokenizer
+        from mmt.tokenizers.loading import image_tokenizer_fingerprint
 
-        return ImageTokenizer.read_config(self.image_tokenizer_path)["fingerprint"] if self.image_tokenizer_path else None
+        return image_tokenizer_fingerprint(self.image_tokenizer_path)
 
     @property
     def text_vocab_fingerprint(self) -> str | None:
@@ -94,15 +95,32 @@ class ITITTask(Task):
 
         return TextTokenizer.from_file(self.text_vocab_path).fingerprint() if self.text_vocab_path else None
 
+    def data_expectations(self):
+        """What the network needs from the data (checked against manifests before step 1)."""
+        from mmt.training.data_check import DataExpectations
+
+        m = self.model
+        text_vocab = ("ITITTask.network['text_vocab_size']" if m.text_encoder_spec == "trainable"
+                      else "ITITTask.network['text_encoder']")
+        return DataExpectations(
+            image_vocab_size=m.image_vocab_size, grid=m.grid, text_vocab_size=m.text_vocab_size,
+            text_length=m.text_length, special_text_ids={"eos_id": m.eos_id, "pad_id": m.pad_id, "bos_id": m.bos_id},
+            image_tokenizer_fingerprint=self.image_tokenizer_fingerprint,
+            text_vocab_fingerprint=self.text_vocab_fingerprint,
+            bindings={"image_vocab_size": "ITITTask.network['image_vocab_size']", "grid": "ITITTask.network['grid']",
+                      "text_vocab_size": text_vocab, "text_length": "ITITTask.network['text_length']",
+                      "image_tokenizer_fingerprint": "ITITTask.image_tokenizer",
+                      "text_vocab_fingerprint": "ITITTask.text_vocab"})
+
     def tokenizers(self):
         """(image tokenizer, text tokenizer), loaded once; needs both paths."""
         if self._tokenizers is None:
-            from mmt.tokenizers.image import ImageTokenizer
+            from mmt.tokenizers.loading import load_image_tokenizer
             from mmt.tokenizers.text import TextTokenizer
 
             if not (self.image_tokenizer_path and self.text_vocab_path):
                 raise ValueError("ITITTask.image_tokenizer and ITITTask.text_vocab must be set to generate")
-            self._tokenizers = (ImageTokenizer.load(self.image_tokenizer_path),
+            self._tokenizers = (load_image_tokenizer(self.image_tokenizer_path),
                                 TextTokenizer.from_file(self.text_vocab_path))
         return self._tokenizers
 
@@ -289,8 +307,98 @@ class ITITTask(Task):
         # Before the warm-up ends the loss is 0/1: no gradient, a finite summary.
         return Ratio(numerator, denominator + (1.0 - started))
 
+    def activation_passes(self, batch_sizes):
+        """The stacks a step runs with gradients, at per-replica `batch_sizes` (see `mmt.training.memory`)."""
+        from mmt.training.memory import StackPass
+
+        m, c = self.model, self.model.cfg
+        k, kept, length = m.num_image_tokens, m.num_image_tokens - m.num_dropped, m.text_length
+
+        def encoder(name, b):
+            return StackPass(f"{name} encoder", b, kept + length, c.encoder_width, c.encoder_depth, c.encoder_heads)
+
+        def image_decoder(name, b):
+            return StackPass(f"{name} image decoder", b, k + length, c.decoder_width, c.image_decoder_depth,
+                             c.decoder_heads)
+
+        def text_decoder(name, b):
+            return StackPass(f"{name} text decoder", b, kept + 2 * length, c.decoder_width, c.text_decoder_depth,
+                             c.decoder_heads)
+
+        def text_encoder(name, b):
+            e = m.text_encoder
+            if hasattr(e, "config_values"):  # T5: only where a gradient flows through it (soft text)
+                t = e.config_values
+                return [StackPass(f"{name} T5 encoder", b, length, t["hidden_dim"], t["num_layers"], t["num_heads"])]
+            if getattr(e, "depth", 0):
+                return [StackPass(f"{name} text encoder", b, length, e.width, e.depth, e.num_heads)]
+            return []
+
+        passes = []
+        paired = batch_sizes.get("paired", 0)
+        half = paired // 2 if (self.t2i and self.i2t) else paired
+        if paired and self.t2i:
+            trainable_text = [] if hasattr(m.text_encoder, "config_values") else text_encoder("T2I", half)
+            passes += trainable_text + [encoder("T2I", half), image_decoder("T2I", half)]
+        if paired and self.i2t:
+            passes += [encoder("I2T", half), text_decoder("I2T", half)]
+            passes += [image_decoder("I2I", half)] if self.i2i else []
+        unpaired_text, unpaired_images = batch_sizes.get("text_only", 0), batch_sizes.get("image_only", 0)
+        if unpaired_text and self.t2i2t in ("half", "full"):  # the first encoder pass is under stop_gradient
+            passes += [image_decoder("T2I2T", unpaired_text), encoder("T2I2T I2T", unpaired_text),
+                       text_decoder("T2I2T I2T", unpaired_text)]
+        if unpaired_images and self.i2t2i in ("half", "full"):
+            passes += [text_decoder("I2T2I", unpaired_images), *text_encoder("I2T2I soft text", unpaired_images),
+                       encoder("I2T2I T2I", unpaired_images), image_decoder("I2T2I T2I", unpaired_images)]
+        return passes
+
+    def frozen_parts(self):
+        """The T5 text encoder when a preset is used: out of checkpoints and exports."""
+        from mmt.models.text_encoders import T5TextEncoder
+
+        encoder = self.model.text_encoder
+        return {"text_encoder": encoder} if isinstance(encoder, T5TextEncoder) else {}
+
     def component_layers(self):
         return {layer.name: layer for layer in self.model._layers if hasattr(layer, "trainable_variables")}
+
+
+#: T5's conventions (its SentencePiece model has no BOS): the decoder starts from pad.
+T5_TEXT_IDS = {"pad_id": 0, "eos_id": 1, "bos_id": 0}
+
+
+def text_conventions(network: dict, text_vocab: str | None) -> dict:
+    """`network` with BOS / EOS / PAD taken from the text vocabulary in use.
+
+    The vocabulary is `text_vocab`, else the T5 preset's own SentencePiece model; a T5
+    preset without one follows T5's conventions. An id bound in `network` that differs
+    from the vocabulary's is an error naming both: the decoder would start from, stop at
+    or mask out an ordinary piece. Without any vocabulary (tests, toy runs) the network's
+    own values stand.
+    """
+    from mmt.tokenizers.text import TextTokenizer
+
+    encoder = network.get("text_encoder", "trainable")
+    source, ids = text_vocab, None
+    if not source and encoder != "trainable":
+        source = encoder
+    if source:
+        try:
+            vocab = TextTokenizer.from_file(source)
+        except FileNotFoundError:
+            if source == text_vocab:
+                raise
+            source, ids = f"T5's conventions (no SentencePiece model in the preset {encoder})", dict(T5_TEXT_IDS)
+        else:
+            ids = {"pad_id": vocab.pad_id, "eos_id": vocab.eos_id, "bos_id": vocab.bos_id}
+    if ids is None:
+        return network
+    for key, value in ids.items():
+        if key in network and int(network[key]) != value:
+            raise ValueError(f"ITITTask.network['{key}'] = {network[key]}, but the text vocabulary {source} has "
+                             f"{key} = {value}; remove the binding (the vocabulary's ids are used) or use the "
+                             "vocabulary the data was made with")
+    return {**network, **ids}
 
 
 def _flat(tokens):
