@@ -22,13 +22,18 @@ points register their own run function with `gin.external_configurable`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import inspect
+import io
 import os
+import tokenize
 from pathlib import Path
 from typing import Sequence
 
 import gin
+
+from mmt.errors import UserError
 
 # The repo's gin/ folder (present in a source checkout and an editable install).
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
@@ -37,7 +42,7 @@ OPERATIVE_CONFIG = "operative_config.gin"
 FULL_CONFIG = "config.gin"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A gin file or binding is wrong; the message names the file or binding."""
 
 
@@ -56,6 +61,13 @@ def add_flags(parser: argparse.ArgumentParser, *, default_workdir: str | None = 
         default=[],
         help="Gin binding (repeatable), e.g. --gin_param='TRAIN_STEPS = 1000'.",
     )
+    add_common_flags(parser)
+    parser.add_argument(
+        "--allow_unused_bindings",
+        action="store_true",
+        help="warn, instead of failing, about gin bindings and macros the run never uses "
+        "(for overlay files shared by several models)",
+    )
     parser.add_argument(
         "--workdir",
         default=default_workdir,
@@ -63,6 +75,19 @@ def add_flags(parser: argparse.ArgumentParser, *, default_workdir: str | None = 
         help="Directory for everything the run writes."
         + (f" Default: {default_workdir}" if default_workdir else ""),
     )
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors follow `mmt.errors`: one `error: ...` line, exit 2, no usage dump."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see --help)")
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds --verbose (tracebacks and TensorFlow's start-up lines; see `mmt.errors`)."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="print tracebacks of errors and TensorFlow's native start-up lines")
 
 
 def resolve_gin_file(name: str | os.PathLike) -> Path:
@@ -99,13 +124,162 @@ def parse(gin_files: Sequence[str | os.PathLike] = (), gin_params: Sequence[str]
         # "Path not found" for every miss before it reaches mmt's own files.
         prefixes.insert(0, str(GIN_DIR))
     files = [str(resolve_gin_file(f)) for f in gin_files]
+    _LOCATIONS.clear()
+    _REQUIRED.clear()
     try:
-        gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=True)
+        with _recording_locations():
+            gin.parse_config_files_and_bindings(files, list(gin_params), finalize_config=True)
     except ConfigError:
         raise
-    except (ValueError, KeyError, TypeError, SyntaxError, IOError) as e:
+    except SyntaxError as e:
+        # gin's SyntaxError carries the file (None for --gin_param) and the line.
+        source = f"{e.filename}:{e.lineno}" if e.filename else f"--gin_param '{(e.text or '').strip()}'"
+        raise ConfigError(f"gin syntax error in {source}: {e.msg}; fix the binding "
+                          "(brackets, quotes and commas must balance)") from e
+    except tokenize.TokenError as e:  # an unbalanced bracket or quote runs off the end
+        culprit = next((p for p in gin_params if _unbalanced(p)), None)
+        source = f"--gin_param '{culprit}'" if culprit is not None else f"one of {', '.join(files)}"
+        raise ConfigError(f"gin syntax error in {source}: {e.args[0]} (an unbalanced bracket or quote); "
+                          "fix the binding") from e
+    except (ValueError, KeyError, TypeError, IOError) as e:
         where = f" (files: {', '.join(files) or 'none'}; params: {list(gin_params) or 'none'})"
         raise ConfigError(f"{e}{where}") from e
+
+
+def _unbalanced(binding: str) -> bool:
+    try:
+        list(tokenize.generate_tokens(io.StringIO(binding + "\n").readline))
+    except tokenize.TokenError:
+        return True
+    return False
+
+
+# (scope, selector, parameter) of every parsed binding -> where it was written.
+_LOCATIONS: dict[tuple[str, str, str], str] = {}
+# Bindings that some file declared `%gin.REQUIRED`.
+_REQUIRED: set[tuple[str, str, str]] = set()
+
+
+@contextlib.contextmanager
+def _recording_locations():
+    """Records the file and line of each binding gin parses (gin keeps none of them).
+
+    gin's parser calls `bind_parameter` inside `utils.try_with_location(location)`;
+    both are looked up as module attributes at call time, so wrapping them here sees
+    every binding with its location. A binding of --gin_param has no file name.
+    """
+    current = [None]
+    original_try, original_bind = gin.utils.try_with_location, gin.config.bind_parameter
+
+    @contextlib.contextmanager
+    def try_with_location(location):
+        current[0] = location
+        with original_try(location):
+            yield
+
+    def bind_parameter(binding_key, value):
+        original_bind(binding_key, value)
+        try:
+            pbk = gin.config.ParsedBindingKey.parse(binding_key)
+            key = (pbk.config_key[0], pbk.config_key[1], pbk.arg_name)
+        except (ValueError, KeyError):
+            return
+        if str(value) == "%gin.REQUIRED":
+            _REQUIRED.add(key)
+        location = current[0]
+        filename = getattr(location, "filename", None)
+        if filename:
+            _LOCATIONS[key] = f"{filename}:{location.line_num + 1}"
+        else:
+            line = (getattr(location, "line_content", "") or "").strip()
+            _LOCATIONS[key] = f"--gin_param '{line}'" if line else "--gin_param"
+
+    gin.utils.try_with_location, gin.config.bind_parameter = try_with_location, bind_parameter
+    try:
+        yield
+    finally:
+        gin.utils.try_with_location, gin.config.bind_parameter = original_try, original_bind
+
+
+def unused_bindings() -> list[str]:
+    """Bindings and macros that nothing has used so far, each with where it was written.
+
+    Compares everything parsed with gin's operative config (the bindings of configurables
+    that were called, and the macros whose references were evaluated); call it once the
+    run has built everything it will build.
+
+    One exemption: a macro that an included file declares `%gin.REQUIRED` and a later
+    file sets to `None` is unused on purpose (gin insists that every required macro be
+    overridden, even one the including file no longer references: `itit_quickstart.gin`
+    reads three directories instead of `DATA_DIR`).
+    """
+    config = gin.config._CONFIG  # pylint: disable=protected-access
+    operative = gin.config._OPERATIVE_CONFIG  # pylint: disable=protected-access
+    unused = []
+    for (scope, selector), params in config.items():
+        used = operative.get((scope, selector), {})
+        for param, value in params.items():
+            if param in used:
+                continue
+            if selector == "gin.macro" and value is None and (scope, selector, param) in _REQUIRED:
+                continue
+            if selector == "gin.macro":
+                name = f"macro {scope}"
+            else:
+                short = selector.rsplit(".", 1)[-1]
+                name = f"{scope + '/' if scope else ''}{short}.{param}"
+            where = _LOCATIONS.get((scope, selector, param), "unknown file")
+            unused.append(f"{name} ({where})")
+    return unused
+
+
+def check_unused_bindings(allow: bool = False, what: str = "this run") -> None:
+    """Fails (or, with `allow`, warns) about bindings `unused_bindings` reports.
+
+    A misspelled macro (`TRAIN_STEPZ = 5`) or a binding of a configurable that the run
+    never calls (`Adafactor.learning_rate` under an Adam config) would otherwise be
+    ignored silently.
+    """
+    unused = unused_bindings()
+    if not unused:
+        return
+    listed = "; ".join(unused)
+    if allow:
+        import warnings
+
+        warnings.warn(f"gin bindings unused by {what}: {listed}", stacklevel=2)
+        return
+    raise ConfigError(
+        f"gin bindings unused by {what}: {listed}. Fix or remove them (a misspelled macro or "
+        "a configurable this model does not build), or pass --allow_unused_bindings for "
+        "overlay files shared by several models"
+    )
+
+
+def describe_binding(binding: str) -> str:
+    """`binding` (e.g. "ITITTask.network['grid']"), with the macro behind it if any.
+
+    "GRID (ITITTask.network['grid'])" when the parsed config binds it to `%GRID`.
+    """
+    import re
+
+    match = re.fullmatch(r"(?:(?P<scope>[\w.]+)/)?(?P<selector>[\w.]+)\.(?P<param>\w+)(?:\['(?P<key>\w+)'\])?",
+                         binding)
+    if not match:
+        return binding
+    try:
+        configurable = gin.config._REGISTRY.get_match(match["selector"])  # pylint: disable=protected-access
+    except (KeyError, ValueError):
+        configurable = None
+    if configurable is None:
+        return binding
+    params = gin.config._CONFIG.get((match["scope"] or "", configurable.selector), {})  # pylint: disable=protected-access
+    value = params.get(match["param"])
+    if match["key"] and isinstance(value, dict):
+        value = value.get(match["key"])
+    if isinstance(value, gin.config.ConfigurableReference) and value.configurable.wrapped is gin.config.macro:
+        return f"{value.scoped_selector.split('/')[0]} ({binding})"
+    return binding
 
 
 def configurable_entry(fn, name: str):

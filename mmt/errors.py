@@ -13,8 +13,11 @@ This module imports nothing heavy, so entry points can use it before TensorFlow 
 
 from __future__ import annotations
 
+import atexit
 import os
+import re
 import sys
+import threading
 import traceback
 from typing import Callable, Sequence
 
@@ -38,21 +41,77 @@ def is_verbose(argv: Sequence[str] | None) -> bool:
                for a in argv)
 
 
-def quiet_native_logs(verbose: bool) -> None:
+# TensorFlow's C++ start-up lines. Those logged before absl is initialised (CUDA stub
+# probing) ignore TF_CPP_MIN_LOG_LEVEL, so they are filtered on file descriptor 2.
+_NATIVE_LINE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\] "  # absl INFO / WARNING lines
+    r"|E\d{4} \d\d:\d\d:[\d.]+ +\d+ cuda_\w+\.cc:\d+\] "  # cuInit on a machine without a GPU
+    r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.)"
+)
+_filter_started = False
+
+
+def _filter_native_stderr() -> None:
+    """Drops TensorFlow's native start-up lines from file descriptor 2 (once per process).
+
+    fd 2 becomes a pipe; a daemon thread copies every other line to the real stderr
+    (Python warnings, tracebacks, `error:` lines, child processes' output). At exit the
+    pipe is closed and drained, so nothing written before is lost.
+    """
+    global _filter_started
+    if _filter_started:
+        return
+    _filter_started = True
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:
+        return
+
+    def pump():
+        with os.fdopen(read_end, "rb") as pipe, os.fdopen(real, "wb", buffering=0) as out:
+            for line in pipe:
+                if not _NATIVE_LINE.match(line.decode("utf-8", "replace")):
+                    out.write(line)
+
+    thread = threading.Thread(target=pump, name="mmt-stderr-filter", daemon=True)
+    thread.start()
+
+    def drain():
+        try:
+            sys.stderr.flush()
+            os.dup2(real, 2)  # closes the pipe's last write end held by this process
+        except (OSError, ValueError):
+            return
+        thread.join(timeout=5)
+
+    atexit.register(drain)
+
+
+def quiet_native_logs(verbose: bool, filter_stderr: bool = False) -> None:
     """Silences TensorFlow's C++ start-up lines unless verbose (call before importing TF).
 
     The oneDNN notice, CUDA probing and `cuInit` errors on a machine without a GPU and
     CPU-feature notices are INFO/WARNING lines of the C++ runtime; level 2 keeps its
-    errors. A value the user set is left alone.
+    errors. A value the user set is left alone. Lines logged before absl initialises
+    (the CUDA stub's) ignore that level: `filter_stderr` (command-line runs only, not
+    an entry point called from Python) also filters them out of file descriptor 2.
     """
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if filter_stderr:
+            _filter_native_stderr()
 
 
 def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Runs an entry point's `main(argv)` under the error convention; returns the exit status."""
     verbose = is_verbose(argv)
-    quiet_native_logs(verbose)
+    # Only a command-line run (argv from sys.argv) owns the process's stderr.
+    quiet_native_logs(verbose, filter_stderr=argv is None)
     try:
         return int(main(argv) or 0)
     except UserError as e:
