@@ -14,7 +14,6 @@ settings; they apply to images (the task's own text settings caption).
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import re
@@ -24,13 +23,17 @@ from typing import Sequence
 
 import numpy as np
 
+from mmt import config as mmt_config
+from mmt.errors import UserError, run_main
+
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or "prompt"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmt.generate", description=__doc__.split("\n")[0])
+    parser = mmt_config.ArgumentParser(prog="python -m mmt.generate", description=__doc__.split("\n")[0])
+    mmt_config.add_common_flags(parser)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--prompt", action="append", default=[], help="text -> image (repeatable)")
     parser.add_argument("--image", action="append", default=[], help="image file -> caption (repeatable)")
@@ -45,17 +48,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.prompt or args.image or args.unconditional):
         parser.error("give at least one --prompt, --image or --unconditional")
 
-    from PIL import Image
+    for path in args.image:
+        if not Path(path).is_file():
+            raise UserError(f"--image {path}: no such file")
 
-    from mmt.training.restore import load_task
+    from PIL import Image, UnidentifiedImageError
 
-    task, step = load_task(args.workdir)
+    from mmt import exports
+    from mmt.training.data_check import check_tokenizers
+
+    task, step = exports.load_trained(args.workdir)
     hooks = ((["text_to_image"] if args.prompt else []) + (["image_to_text"] if args.image else [])
              + (["unconditional_images"] if args.unconditional else []))
     for hook in hooks:
         if not hasattr(task, hook):
-            print(f"error: {type(task).__name__} cannot {hook.replace('_', ' ')}", file=sys.stderr)
-            return 2
+            raise UserError(f"{args.workdir} holds a {type(task).__name__}, which cannot {hook.replace('_', ' ')}; "
+                            "drop that flag or use a workdir of a model that can")
+    # Tokens are decoded by (and images encoded with) the configured tokenizer: it must
+    # be the one the model was trained on.
+    check_tokenizers(task)
     output = Path(args.output or Path(args.workdir) / "generated")
     output.mkdir(parents=True, exist_ok=True)
     print(f"{type(task).__name__} at step {step}; writing to {output}")
@@ -74,8 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = task.tokenizers()[0].image_size
         pixels = []
         for path in args.image:
-            with Image.open(path) as im:
-                pixels.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.uint8))
+            try:
+                with Image.open(path) as im:
+                    pixels.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.uint8))
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"--image {path}: not a readable image ({e})") from e
         extra = {"seed": args.seed} if "seed" in inspect.signature(task.image_to_text).parameters else {}
         captions = task.image_to_text(np.stack(pixels), beam_size=args.beam_size, **extra)
         for path, caption in zip(args.image, captions):
@@ -91,4 +105,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -27,7 +27,6 @@ tests use.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -38,7 +37,7 @@ from typing import Callable, Mapping, Sequence
 
 from mmt import config as mmt_config
 from mmt.data import shapes
-from mmt.data.shapes_records import write_shapes_records
+from mmt.errors import UserError, run_main
 from mmt.tokenizers import text as text_lib
 
 DEFAULT_GIN_FILE = "quickstart.gin"
@@ -104,6 +103,8 @@ def make_data(
     stages.begin(f"writing TFRecords ({num_shards} shards per split) to {data_dir}")
     bars = {s: tqdm(total=n, desc=s, disable=not show_progress, leave=False, file=sys.stderr)
             for s, n in counts.items()}
+    from mmt.data.shapes_records import write_shapes_records  # TensorFlow: after run_main's set-up
+
     manifest = write_shapes_records(
         data_dir, shapes_config, examples, text_tokenizer=tokenizer, num_shards=num_shards,
         progress=lambda split, n: bars[split].update(n - bars[split].n),
@@ -185,8 +186,11 @@ def _run_logged(command: Sequence[str], log_path: Path, echo: Callable[[str], bo
             if echo(line):
                 print("      " + line.rstrip(), flush=True)
     if process.returncode:
-        raise RuntimeError(f"`{' '.join(command)}` failed with exit code {process.returncode}; "
-                           f"its output is in {log_path}")
+        last = next((line for line in reversed(log_path.read_text().splitlines()) if line.startswith("error: ")), "")
+        message = f"`{' '.join(command)}` failed with exit code {process.returncode}; its output is in {log_path}"
+        if process.returncode == 2 and last:  # the stage's own one-line error (mmt.errors)
+            raise UserError(f"{last[len('error: '):]} (from {message})")
+        raise RuntimeError(message)
 
 
 def _train(workdir: Path, gin_file: str, gin_params: Sequence[str], log_name: str) -> None:
@@ -325,7 +329,7 @@ def run_chain(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmt.quickstart", description=__doc__.split("\n")[0])
+    parser = mmt_config.ArgumentParser(prog="python -m mmt.quickstart", description=__doc__.split("\n")[0])
     mmt_config.add_flags(parser, default_workdir="quickstart_workdir")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     parser.add_argument("--data_only", action="store_true", help="stop after the data stages (1-4)")
@@ -335,7 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     mmt_config.parse(args.gin_file or [DEFAULT_GIN_FILE], args.gin_param)
     mmt_config.write_config(args.workdir)
     start = time.perf_counter()
-    write_operative = lambda: mmt_config.write_config(args.workdir, operative=True)  # noqa: E731
+
+    def write_operative():
+        mmt_config.check_unused_bindings(args.allow_unused_bindings, "mmt.quickstart")
+        mmt_config.write_config(args.workdir, operative=True)
+
     configured_run(args.workdir, show_progress=not args.no_progress, data_only=args.data_only,
                    on_configured=write_operative)
     print(f"quickstart finished in {time.perf_counter() - start:.0f}s; outputs in {args.workdir}")
@@ -343,4 +351,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

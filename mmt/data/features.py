@@ -42,6 +42,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from mmt.errors import UserError
+
 # Feature keys of a record.
 KEY = "key"
 IMAGE_TOKENS = "image/tokens"
@@ -63,11 +65,11 @@ _TFRECORD_OVERHEAD = 16
 _IMAGE_MAGIC = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
 
 
-class FingerprintMismatchError(ValueError):
+class FingerprintMismatchError(UserError, ValueError):
     """The data was made with another image tokenizer or text vocabulary than configured."""
 
 
-class CorruptShardError(ValueError):
+class CorruptShardError(UserError, ValueError):
     """A TFRecord shard is damaged (bad checksum, truncated, missing).
 
     Attributes:

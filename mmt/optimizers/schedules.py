@@ -13,6 +13,8 @@ import math
 import keras
 from keras import ops
 
+from mmt.errors import UserError
+
 
 def _linear_warmup(step, value, warmup_steps: int):
     """`value * step / warmup_steps` for `step < warmup_steps`, else `value`."""
@@ -21,9 +23,20 @@ def _linear_warmup(step, value, warmup_steps: int):
     return value * ops.minimum(step / float(warmup_steps), 1.0)
 
 
+class ScheduleError(UserError, ValueError):
+    """A schedule's settings are inconsistent; the message names the settings."""
+
+
+def _binding(name: str) -> str:
+    """The gin binding (and the macro behind it) that set a schedule argument, if any."""
+    from mmt.config import describe_binding  # gin only; nothing bound means `name` itself
+
+    return describe_binding(name)
+
+
 def _check_steps(name: str, value: int, minimum: int) -> None:
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+        raise ScheduleError(f"{name} must be >= {minimum}, got {value}.")
 
 
 @keras.saving.register_keras_serializable(package="mmt")
@@ -49,6 +62,12 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                              f"got decay_steps={decay_steps}, total_steps={total_steps}")
         if total_steps is not None:
             decay_steps = int(total_steps) - int(warmup_steps)
+            if decay_steps < 1:
+                raise ScheduleError(
+                    f"WarmupCosine: decay_steps = total_steps - warmup_steps = {total_steps} - {warmup_steps} = "
+                    f"{decay_steps}, must be >= 1 (total_steps from {_binding('WarmupCosine.total_steps')}, "
+                    f"warmup_steps from {_binding('WarmupCosine.warmup_steps')}); train for more steps than "
+                    "the warmup, or shorten the warmup")
         _check_steps("warmup_steps", warmup_steps, 0)
         _check_steps("decay_steps", decay_steps, 1)
         self.peak_value = float(peak_value)

@@ -26,6 +26,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from mmt.errors import UserError
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
 FORMAT_VERSION = 1
@@ -54,7 +56,7 @@ def compile_function(fn: Callable) -> Callable:
     return fn
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """Saved weights belong to a tokenizer configured differently."""
 
 

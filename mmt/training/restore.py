@@ -7,7 +7,12 @@ import os
 import tensorflow as tf
 
 from mmt import config as mmt_config
+from mmt.errors import UserError
 from mmt.training.checkpoint import CheckpointManager, model_variables
+
+
+class WorkdirError(UserError, FileNotFoundError):
+    """The workdir is not a trained `mmt.train` workdir."""
 
 
 def load_task(workdir: str, gin_params=(), restore: bool = True):
@@ -25,7 +30,8 @@ def load_task(workdir: str, gin_params=(), restore: bool = True):
     """
     config = os.path.join(workdir, "operative_config.gin")
     if not tf.io.gfile.exists(config):
-        raise FileNotFoundError(f"{config} not found: {workdir} is not a training workdir")
+        raise WorkdirError(f"{config} not found: {workdir} is not a training workdir (give the --workdir "
+                           "of a `python -m mmt.train` run)")
     mmt_config.parse([config], gin_params)
     from mmt import configurables
 
@@ -33,9 +39,12 @@ def load_task(workdir: str, gin_params=(), restore: bool = True):
     trainer.build()
     if not restore:
         return trainer.task, 0
-    checkpoint = tf.train.Checkpoint(model=model_variables(trainer.task.model))
+    from mmt.exports import frozen_variables
+
+    # Frozen parts (a T5 preset) were loaded from their own files by `build`.
+    checkpoint = tf.train.Checkpoint(model=model_variables(trainer.task.model, exclude=frozen_variables(trainer.task)))
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint)
     step = manager.restore_latest()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
+        raise WorkdirError(f"no checkpoint in {workdir}/checkpoints: train first")
     return trainer.task, step

@@ -1,8 +1,8 @@
 """Where a run's numbers go: TensorBoard, `metrics.jsonl`, and one console line.
 
 TensorBoard event files live in `{workdir}/train`; `metrics.jsonl` holds one JSON object
-per logged step (appended across restarts, so a resumed run's later lines for a step
-supersede earlier ones); the console shows step, losses, steps/s and ETA -- as a
+per logged step, each step once: a resumed run first drops the lines after the step it
+resumes from (steps it is about to replay), then appends; the console shows step, losses, steps/s and ETA -- as a
 progress bar when stdout is a terminal, as plain lines otherwise (logs, CI).
 """
 
@@ -27,6 +27,34 @@ def _format_duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def truncate_jsonl(path: str, last_step: int) -> int:
+    """Drops the lines of `path` after `last_step` (and a torn last line); returns how many.
+
+    A run killed after step 30 but resumed from the checkpoint at step 28 replays steps
+    29 and 30; their old lines go, so `metrics.jsonl` holds every step once. The file is
+    rewritten atomically (temporary file + rename).
+    """
+    if not tf.io.gfile.exists(path):
+        return 0
+    with tf.io.gfile.GFile(path, "r") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write
+        if step <= last_step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    return len(lines) - len(kept)
+
+
 class MetricsWriter:
     """Writes scalars and images of one run.
 
@@ -40,7 +68,9 @@ class MetricsWriter:
     def __init__(self, workdir: str, total_steps: int, start_step: int = 0, progress_bar: bool | None = None):
         tf.io.gfile.makedirs(workdir)
         self._writer = tf.summary.create_file_writer(os.path.join(workdir, "train"))
-        self._jsonl = tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        truncate_jsonl(path, start_step)
+        self._jsonl = tf.io.gfile.GFile(path, "a")
         self._total = total_steps
         self._last_time = time.perf_counter()
         self._last_step = start_step
