@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from mmt.optimizers import Adafactor, WarmupCosine
+from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 
 def _apply(opt, x0, grads, name="w"):
@@ -242,9 +243,11 @@ def test_xla_train_step_matches_eager():
         losses = [float(step()) for _ in range(4)]
         results.append((losses, [np.array(v) for v in model.trainable_variables + opt.variables]))
     (eager_losses, eager_vars), (xla_losses, xla_vars) = results
-    np.testing.assert_allclose(xla_losses, eager_losses, rtol=1e-6, atol=1e-6)
-    for a, b in zip(xla_vars, eager_vars):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    # XLA may reorder the batch sums (8 examples) and brings its own rsqrt / sqrt (~16
+    # such operations along a step); second-moment slots hold g^2; 4 steps accumulate.
+    rtol = reordered_sum_rtol(8, squared=True, steps=4, chained_ops=16)
+    assert_close_to_scale([xla_losses], [eager_losses], rtol, "losses")
+    assert_close_to_scale(xla_vars, eager_vars, rtol, "variables")
     for a, start in zip(eager_vars, initial):
         assert np.abs(a - start).max() > 1e-3  # every weight moved
 

@@ -13,6 +13,7 @@ from mmt.models import itit_inference
 from mmt.models.itit import ITIT
 from mmt.models.itit_task import ITITTask
 from mmt.optimizers import Adafactor, Constant
+from tolerances import assert_close_to_scale, reordered_sum_rtol
 from mmt.training.task import StepSeed
 from mmt.training.trainer import Trainer
 
@@ -89,8 +90,10 @@ def test_image_decoder_restores_positions_whatever_the_kept_order():
         z, z_valid = model.encode(model.embed_image(tokens, mask=mask, order=order), features, valid)
         outputs.append(np.asarray(model.image_logits(z, z_valid, order)))
     # Kept tokens permute with their positions (attention is permutation-equivariant),
-    # dropped positions get the mask token: the restored logits agree.
-    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+    # dropped positions get the mask token: the restored logits agree up to the order of
+    # float32 sums (tests/tolerances.py): attention over the keys and, for safety, every
+    # contraction (the longest is the MLP's 4 x 32 = 128), in two blocks one after the other.
+    assert_close_to_scale([outputs[1]], [outputs[0]], reordered_sum_rtol(128, steps=2), "logits")
 
 
 def test_inference_drops_masked_tokens_while_every_row_has_enough_masked():
@@ -114,8 +117,11 @@ def test_inference_drops_masked_tokens_while_every_row_has_enough_masked():
         tokens = np.where(mask, model.mask_id, rng.integers(0, 32, (2, 16))).astype(np.int32)
         mask, tokens = ops.convert_to_tensor(mask), ops.convert_to_tensor(tokens)
         expected = reference(tokens, mask, drop)
-        np.testing.assert_allclose(np.asarray(logits_fn(tokens)), expected, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(compiled(tokens)), expected, atol=1e-4)
+        # Other shapes (dropped tokens gathered) reorder float32 sums, as above; XLA adds
+        # its own exp / rsqrt / erf (a few ulp each, ~16 along the chain).
+        assert_close_to_scale([np.asarray(logits_fn(tokens))], [expected], reordered_sum_rtol(128, steps=2), "eager")
+        assert_close_to_scale([np.asarray(compiled(tokens))], [expected],
+                              reordered_sum_rtol(128, steps=2, chained_ops=16), "xla")
         if drop:  # the two encoder inputs do differ: the comparison can tell them apart
             assert np.abs(reference(tokens, mask, False) - expected).max() > 1e-3
     order = np.asarray(model.keep_order(mask))
