@@ -108,3 +108,19 @@ def test_bad_paths_and_wrong_model_kind_name_them(tmp_path, capsys, monkeypatch)
     assert errors.run_main(evaluate.main, fid_argv) == errors.EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert str(not_a_workdir) in err and "TokenizerOnlyTask" in err and "text to image" in err
+
+
+def test_karpathy_split_to_coco_format(tmp_path):
+    from mmt.evaluation import coco
+
+    dataset = {"images": [
+        {"cocoid": 5, "filepath": "val2014", "filename": "a.jpg", "split": "test", "sentences": [{"raw": "x"},
+                                                                                                 {"raw": "y"}]},
+        {"cocoid": 6, "filepath": "val2014", "filename": "b.jpg", "split": "restval", "sentences": [{"raw": "z"}]},
+        {"cocoid": 7, "filepath": "train2014", "filename": "c.jpg", "split": "train", "sentences": [{"raw": "w"}]}]}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(dataset))
+    assert coco.main([str(tmp_path / "dataset_coco.json"), "--split", "test", "--output", str(tmp_path / "t.json")]) == 0
+    references, files = captions.read_coco_references(tmp_path / "t.json")
+    assert references == {5: ["x", "y"]} and files == {5: "val2014/a.jpg"}
+    train = coco.karpathy_to_coco(dataset, "train")
+    assert [i["id"] for i in train["images"]] == [6, 7]  # restval goes with train

@@ -278,6 +278,10 @@ def test_evaluate_fid_cli_folders_and_reference_stats(tmp_path, state, monkeypat
     assert abs(json.loads((tmp_path / "self.json").read_text())["fid"]) < 1e-3
     mu_ref, sigma_ref, count = fid.load_statistics(tmp_path / "ref.npz")
     assert count == 6
+    # Statistics only (no images to score): the same file again.
+    assert evaluate.main(["fid", "--reference", str(tmp_path / "a"), "--reference_stats", str(tmp_path / "r2.npz"),
+                          *common]) == 0
+    np.testing.assert_allclose(fid.load_statistics(tmp_path / "r2.npz")[1], sigma_ref, rtol=1e-6, atol=1e-9)
     # The saved statistics are reused without the reference folder (the distance itself is tested above).
     seen = []
     monkeypatch.setattr(fid, "frechet_distance", lambda mu1, s1, mu2, s2: seen.append((mu1, s1, mu2, s2)) or 12.5)
@@ -303,3 +307,35 @@ def test_evaluate_fid_user_errors_name_the_path(tmp_path, capsys):
                                              "--reference_stats", str(missing)])
     assert status == errors.EXIT_USER_ERROR
     assert str(missing) in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fid_network_imports_no_tensorflow_and_runs_under_jax(tmp_path, model):
+    """Model code is keras.ops only: the same features under KERAS_BACKEND=jax."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    from import_checks import assert_no_tensorflow
+
+    assert_no_tensorflow(["mmt/evaluation/fid_inception.py", "mmt/evaluation/fid.py"],
+                         ["mmt.evaluation.fid_inception", "mmt.evaluation.fid"])
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    images = np.random.default_rng(5).integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    model.save_weights(str(tmp_path / "fid.weights.h5"))
+    script = f"""
+import sys, numpy as np
+from mmt.evaluation import fid, fid_inception
+m = fid_inception.FIDInception(); m.build(); m.load_weights({str(tmp_path / 'fid.weights.h5')!r})
+out = fid.FIDExtractor(m, resolution={SIZE}, batch_size=2).features(np.load({str(tmp_path / 'images.npy')!r}))
+np.save({str(tmp_path / 'jax.npy')!r}, out)
+assert "tensorflow" not in sys.modules, "tensorflow was imported"
+"""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = fid.FIDExtractor(model, resolution=SIZE, batch_size=2, jit=False).features(images)
+    np.testing.assert_allclose(np.load(tmp_path / "jax.npy"), want, rtol=0, atol=1e-4 * np.abs(want).max())

@@ -1,6 +1,7 @@
 """The `fid` and `captions` subcommands of `python -m mmt.evaluate` (parsers and bodies).
 
     python -m mmt.evaluate fid --images=DIR --reference=DIR [--reference_stats=ref.npz] --inception_weights=W
+    python -m mmt.evaluate fid --reference=DIR --reference_stats=ref.npz --inception_weights=W   # statistics only
     python -m mmt.evaluate fid --workdir=W --captions=captions.txt --reference_stats=coco_val.npz --inception_weights=W
     python -m mmt.evaluate captions --predictions=pred.json --references=captions_val2014.json
     python -m mmt.evaluate captions --workdir=W --image_dir=val2014/ --references=karpathy_test.json
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shlex
 import time
 from pathlib import Path
@@ -38,7 +40,7 @@ def add_parsers(commands) -> None:
     fid.add_argument("--num_images", type=int, default=None, help="at most this many images / captions")
     fid.add_argument("--batch_size", type=int, default=64)
     fid.add_argument("--resolution", type=int, default=299, help="network input side (299: the protocol)")
-    fid.add_argument("--image_size", type=int, default=None, help="resize folder images to this square first")
+    fid.add_argument("--image_size", type=int, default=None, help="centre-crop and resize folder images to this square first")
     fid.add_argument("--save_images", default=None, help="also write the generated images to this folder")
     fid.add_argument("--seed", type=int, default=0)
     fid.add_argument("--num_steps", type=int)
@@ -106,8 +108,12 @@ def fid(args) -> int:
     from mmt.evaluation import fid as fid_lib
     from mmt.evaluation.fid_inception import FIDInception
 
-    if bool(args.images) == bool(args.workdir):
-        raise UserError("fid needs exactly one of --images (a folder) or --workdir (with --captions)")
+    if args.images and args.workdir:
+        raise UserError("fid takes one of --images (a folder) or --workdir (with --captions), not both")
+    stats_only = not args.images and not args.workdir
+    if stats_only and not (args.reference and args.reference_stats):
+        raise UserError("fid needs --images or --workdir (the images to score), or --reference with "
+                        "--reference_stats to only write the reference statistics")
     if args.workdir and not args.captions:
         raise UserError("fid --workdir needs --captions (the prompts to generate from)")
     if not args.reference and not args.reference_stats:
@@ -126,8 +132,8 @@ def fid(args) -> int:
     task, step = _load_task(args.workdir, "text_to_image") if args.workdir else (None, None)
     try:
         model = FIDInception.from_file(args.inception_weights)
-    except ValueError as e:
-        raise UserError(str(e)) from e
+    except (ValueError, OSError, pickle.UnpicklingError) as e:  # incl. a refused (unsafe) pickle
+        raise UserError(f"cannot use {args.inception_weights} as FID Inception weights: {e}") from e
     extractor = fid_lib.FIDExtractor(model, resolution=args.resolution, batch_size=args.batch_size)
     start = time.perf_counter()
 
@@ -140,6 +146,8 @@ def fid(args) -> int:
             print(f"wrote reference statistics of {ref.count} images to {args.reference_stats}")
     else:
         mu_ref, sigma_ref, ref_count = fid_lib.load_statistics(args.reference_stats)
+    if stats_only:
+        return 0
 
     if files is not None:
         stats = extractor.statistics(fid_lib.image_batches(files, args.batch_size, args.image_size))

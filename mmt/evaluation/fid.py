@@ -207,9 +207,10 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 def image_batches(files: list[Path], batch_size: int, size: int | None = None) -> Iterator[np.ndarray]:
     """uint8 [B, H, W, 3] batches of the files, RGB.
 
-    Images of one batch must share a size; `size` resizes every image to `size`x`size`
-    first (PIL bicubic) for folders of mixed sizes. Under pytorch-fid's protocol images
-    go to the network at their own size (the bilinear resize to 299 is the network's).
+    Images of one batch must share a size; `size` centre-crops every image to a square
+    and resizes it to `size`x`size` (PIL bicubic), as `beam_pipelines.tokenize` does,
+    for folders of mixed sizes (COCO). Under pytorch-fid's protocol images go to the
+    network at their own size (the bilinear resize to 299 is the network's).
     """
     from PIL import Image
 
@@ -220,7 +221,9 @@ def image_batches(files: list[Path], batch_size: int, size: int | None = None) -
                 with Image.open(path) as im:
                     im = im.convert("RGB")
                     if size is not None and im.size != (size, size):
-                        im = im.resize((size, size), Image.BICUBIC)
+                        side = min(im.size)
+                        left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+                        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
                     pixels.append(np.asarray(im, np.uint8))
             except OSError as e:
                 raise UserError(f"cannot read image {path}: {e}") from e
