@@ -12,7 +12,7 @@ from keras import ops
 
 from mmt import rng
 from mmt.layers import Dropout
-from mmt.training.task import OptimizerGroup, Ratio, Task
+from mmt.training.task import OptimizerGroup, Ratio, Task, task_arguments
 
 MASK_ID = 2  # UNK doubles as the mask token in this toy
 # No attention biases: the key bias has an exactly-zero gradient (softmax is shift
@@ -23,6 +23,7 @@ class TinyTask(Task):
     def __init__(self, vocab_size: int = 128, text_length: int = 16, width: int = 32, mask_rate: float = 0.3,
                  nan_at_steps: tuple[int, ...] = (), two_groups: bool = False, dropout: float = 0.0,
                  drop_path: float = 0.0, random_mask: bool = True):
+        self.arguments = task_arguments(locals())  # what a completed run's export records
         self.vocab_size, self.text_length, self.mask_rate = vocab_size, text_length, mask_rate
         self.nan_at_steps = tuple(nan_at_steps)
         self.two_groups = two_groups
