@@ -294,6 +294,31 @@ def test_evaluate_fid_cli_folders_and_reference_stats(tmp_path, state, monkeypat
     np.testing.assert_array_equal(s2, sigma_ref)
     assert np.abs(mu1 - mu_ref).max() > 1e-4  # the other folder's own statistics
 
+    # A T2I workdir: one image per caption, generated in batches with one seed each.
+    from mmt.training import restore
+
+    calls = []
+
+    class T2I:
+        def text_to_image(self, prompts, seed=0, **options):
+            calls.append((list(prompts), seed, options))
+            return np.stack([b[len(p) % 6] for p in prompts]), None
+
+    monkeypatch.setattr(restore, "load_task", lambda workdir: (T2I(), 123))
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "operative_config.gin").write_text("")
+    prompts = ["a red circle", "two blue squares", "a green triangle", "one circle", "big square"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    assert evaluate.main(["fid", "--workdir", str(workdir), "--captions", str(tmp_path / "prompts.txt"),
+                          "--reference_stats", str(tmp_path / "ref.npz"), "--save_images", str(tmp_path / "gen"),
+                          "--num_steps", "3", *common]) == 0
+    assert [c[1] for c in calls] == [0, 1] and sum(len(c[0]) for c in calls) == 5
+    assert calls[0][2] == {"num_steps": 3}
+    record = json.loads((workdir / "eval" / "fid.json").read_text())
+    assert record["num_images"] == 5 and record["step"] == 123 and record["fid"] == 12.5
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 5
+
 
 def test_evaluate_fid_user_errors_name_the_path(tmp_path, capsys):
     from mmt import errors, evaluate

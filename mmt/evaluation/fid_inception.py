@@ -125,11 +125,15 @@ class FIDInception(keras.Model):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("name", "fid_inception")
+        # float32 whatever the global policy (a restored task may have set mixed_bfloat16):
+        # FID compares means and covariances, which bfloat16 features would shift.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         for prefix, _, cout, kernel, stride, padding in BASIC_CONVS:
             # Attributes named after pytorch-fid's modules: tracked in a stable (forward) order.
             setattr(self, _layer_name(prefix),
-                    keras.layers.Conv2D(cout, kernel, strides=stride, padding=padding, name=_layer_name(prefix)))
+                    keras.layers.Conv2D(cout, kernel, strides=stride, padding=padding, name=_layer_name(prefix),
+                                        dtype=self.dtype_policy))
 
     def conv_layer(self, prefix: str) -> keras.layers.Conv2D:
         """The Conv2D of pytorch-fid's BasicConv2d `prefix` (e.g. "Mixed_5b.branch1x1")."""
