@@ -354,7 +354,7 @@ def test_maskgit_vqgan_matches_numpy_reference(maskgit_checkpoint, tmp_path):
     images01 = images.astype(np.float64) / 255.0  # MaskGIT's input range
 
     want_z = _maskgit_encode(params, images01)
-    got_z = np.asarray(vqgan.encoder(vqgan._network_input(images.astype(np.float32) / 127.5 - 1.0)))
+    got_z = np.asarray(vqgan.encoder(images.astype(np.float32) / 127.5 - 1.0))  # maps to [0, 1] itself
     np.testing.assert_allclose(got_z, want_z, atol=1e-4 * max(1.0, np.abs(want_z).max()))
     book = params["quantizer"]["codebook"].astype(np.float64)
     want_codes = ((want_z[..., None, :] - book) ** 2).sum(-1).argmin(-1)
@@ -365,10 +365,16 @@ def test_maskgit_vqgan_matches_numpy_reference(maskgit_checkpoint, tmp_path):
     got = (np.asarray(vqgan.decode_codes(codes)) + 1.0) / 2.0
     np.testing.assert_allclose(got, want_images, atol=1e-4 * max(1.0, np.abs(want_images).max()))
 
+    # What training sees (`VQGAN.call`, and VQGANTask's encoder / decoder.conv_out) is the same map.
+    reconstruction, train_codes, _ = vqgan(images.astype(np.float32) / 127.5 - 1.0)
+    np.testing.assert_array_equal(np.asarray(train_codes), codes)
+    np.testing.assert_allclose((np.asarray(reconstruction) + 1.0) / 2.0, want_images,
+                               atol=1e-4 * max(1.0, np.abs(want_images).max()))
+
     loaded = load_image_tokenizer(tmp_path / "vqgan")
     assert loaded.fingerprint() == vqgan.fingerprint()
     config = ImageTokenizer.read_config(tmp_path / "vqgan")["config"]
-    assert config["shortcut_from"] == "branch" and config["pixel_range"] == "unit"
+    assert config["shortcut_from"] == "branch" and config["encoder_input_range"] == "unit"
     np.testing.assert_array_equal(loaded.encode(images), codes)
 
 
@@ -392,9 +398,9 @@ def test_converter_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_default_vqgan_config_unchanged_by_the_new_options():
-    """Tokenizers saved before `shortcut_from` / `pixel_range` existed keep their config and fingerprint."""
+    """Tokenizers saved before `shortcut_from` / `encoder_input_range` existed keep their config and fingerprint."""
     from mmt.tokenizers.vqgan import VQGAN
 
     config = VQGAN(image_size=16, filters=8, channel_multipliers=(1, 2), num_res_blocks=1, embedding_dim=4,
                    codebook_size=16, num_groups=4).tokenizer_config()
-    assert "shortcut_from" not in config and "pixel_range" not in config
+    assert "shortcut_from" not in config and "encoder_input_range" not in config

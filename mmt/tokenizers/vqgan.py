@@ -30,7 +30,7 @@ from mmt.layers.conv import Downsample, LayerChain, ResBlock, Upsample, build_ch
 from mmt.layers.quantizers import VectorQuantizer
 from mmt.tokenizers.image import ImageTokenizer, register_tokenizer
 
-PIXEL_RANGES = ("symmetric", "unit")
+INPUT_RANGES = ("symmetric", "unit")
 
 
 @keras.saving.register_keras_serializable(package="mmt")
@@ -46,15 +46,20 @@ class Encoder(LayerChain):
       num_groups: GroupNorm groups.
       downsample_mode: `Downsample.mode` ("avg_pool" as MaskGIT, or "conv").
       shortcut_from: `ResBlock.shortcut_from` ("branch" as MaskGIT's release).
+      input_range: "symmetric" (images in [-1, 1] go in as they are) or "unit" (mapped
+        to [0, 1] first, MaskGIT's release: its zero padding is black in that range).
     """
 
     def __init__(self, filters: int, channel_multipliers: Sequence[int], num_res_blocks: int, embedding_dim: int,
-                 num_groups: int = 32, downsample_mode: str = "avg_pool", shortcut_from: str = "input", **kwargs):
+                 num_groups: int = 32, downsample_mode: str = "avg_pool", shortcut_from: str = "input",
+                 input_range: str = "symmetric", **kwargs):
         super().__init__(**kwargs)
         self.filters, self.channel_multipliers = int(filters), tuple(int(m) for m in channel_multipliers)
         self.num_res_blocks, self.embedding_dim = int(num_res_blocks), int(embedding_dim)
         self.num_groups, self.downsample_mode = int(num_groups), downsample_mode
-        self.shortcut_from = shortcut_from
+        if input_range not in INPUT_RANGES:
+            raise ValueError(f"input_range must be one of {INPUT_RANGES}, got {input_range!r}")
+        self.shortcut_from, self.input_range = shortcut_from, input_range
         policy = self.dtype_policy
         layers = [keras.layers.Conv2D(self.filters, 3, padding="same", name="conv_in", dtype=policy)]
         levels = len(self.channel_multipliers)
@@ -78,7 +83,7 @@ class Encoder(LayerChain):
         self.built = True
 
     def call(self, images):
-        x = images
+        x = (images + 1.0) * 0.5 if self.input_range == "unit" else images  # [-1, 1] -> [0, 1]
         for layer in self.chain:
             x = layer(x)
         return self.conv_out(ops.silu(self.norm_out(x)))
@@ -92,7 +97,7 @@ class Encoder(LayerChain):
         return {**super().get_config(), "filters": self.filters, "channel_multipliers": list(self.channel_multipliers),
                 "num_res_blocks": self.num_res_blocks, "embedding_dim": self.embedding_dim,
                 "num_groups": self.num_groups, "downsample_mode": self.downsample_mode,
-                "shortcut_from": self.shortcut_from}
+                "shortcut_from": self.shortcut_from, "input_range": self.input_range}
 
 
 @keras.saving.register_keras_serializable(package="mmt")
@@ -175,9 +180,10 @@ class VQGAN(ImageTokenizer):
       downsample_mode: "avg_pool" (MaskGIT) or "conv".
       shortcut_from: `ResBlock.shortcut_from`: "input", or "branch" as MaskGIT's released
         checkpoint (`mmt.tokenizers.converters.maskgit_vqgan`).
-      pixel_range: the range the networks see: "symmetric" ([-1, 1]) or "unit" ([0, 1],
-        MaskGIT's release: its zero padding is black in that range, so imported
-        weights see exactly their own inputs). Outside, images are uint8 either way.
+      encoder_input_range: the range the encoder sees: "symmetric" ([-1, 1]) or "unit"
+        ([0, 1], MaskGIT's release: its zero padding is black in that range, so imported
+        weights see exactly their own inputs). The decoder always outputs [-1, 1] (the
+        importer folds MaskGIT's [0, 1] output into its last convolution, exactly).
     """
 
     def __init__(
@@ -201,7 +207,7 @@ class VQGAN(ImageTokenizer):
         num_groups: int = 32,
         downsample_mode: str = "avg_pool",
         shortcut_from: str = "input",
-        pixel_range: str = "symmetric",
+        encoder_input_range: str = "symmetric",
         **kwargs,
     ):
         channel_multipliers = tuple(int(m) for m in channel_multipliers)
@@ -215,12 +221,10 @@ class VQGAN(ImageTokenizer):
         self.embedding_dim = int(embedding_dim)
         self.num_groups = int(num_groups)
         self.downsample_mode = downsample_mode
-        if pixel_range not in PIXEL_RANGES:
-            raise ValueError(f"VQGAN.pixel_range must be one of {PIXEL_RANGES}, got {pixel_range!r}")
-        self.shortcut_from, self.pixel_range = shortcut_from, pixel_range
+        self.shortcut_from, self.encoder_input_range = shortcut_from, encoder_input_range
         self.encoder = Encoder(self.filters, channel_multipliers, self.num_res_blocks, self.embedding_dim,
-                               self.num_groups, downsample_mode, shortcut_from, name="encoder",
-                               dtype=self.dtype_policy)
+                               self.num_groups, downsample_mode, shortcut_from, encoder_input_range,
+                               name="encoder", dtype=self.dtype_policy)
         # The lookup runs in float32 whatever the policy: distances between nearby codes
         # are too fine for bfloat16.
         self.quantizer = VectorQuantizer(
@@ -248,22 +252,13 @@ class VQGAN(ImageTokenizer):
 
     # -- the ImageTokenizer interface ----------------------------------------------------
 
-    def _network_input(self, images):
-        """[-1, 1] images -> the range the encoder was trained on (`pixel_range`)."""
-        return (images + 1.0) * 0.5 if self.pixel_range == "unit" else images
-
-    def _network_output(self, images):
-        """Decoder output (`pixel_range`) -> float32 in [-1, 1]."""
-        images = ops.cast(images, "float32")
-        return images * 2.0 - 1.0 if self.pixel_range == "unit" else images
-
     def encode_codes(self, images):
         """float [B, H, W, 3] in [-1, 1] -> int32 [B, h, w]."""
-        return self.quantizer.nearest_codes(self.encoder(self._network_input(images)))
+        return self.quantizer.nearest_codes(self.encoder(images))
 
     def decode_codes(self, codes):
         """int32 [B, h, w] -> float32 [B, H, W, 3], roughly in [-1, 1]."""
-        return self._network_output(self.decoder(self.quantizer.lookup(codes)))
+        return ops.cast(self.decoder(self.quantizer.lookup(codes)), "float32")
 
     def call(self, images, training=False, seed=None):
         """Reconstruction through the quantizer (what training sees).
@@ -276,8 +271,8 @@ class VQGAN(ImageTokenizer):
         Returns:
           (reconstruction float32 [B, H, W, 3], codes int32 [B, h, w], quantizer aux dict).
         """
-        z_q, codes, aux = self.quantizer(self.encoder(self._network_input(images)), training=training, seed=seed)
-        return self._network_output(self.decoder(z_q)), codes, aux
+        z_q, codes, aux = self.quantizer(self.encoder(images), training=training, seed=seed)
+        return ops.cast(self.decoder(z_q), "float32"), codes, aux
 
     def get_config(self):
         q = self.quantizer
@@ -303,7 +298,7 @@ class VQGAN(ImageTokenizer):
             "downsample_mode": self.downsample_mode,
             # Only when not the default: configs (and fingerprints) saved before these options stay valid.
             **({"shortcut_from": self.shortcut_from} if self.shortcut_from != "input" else {}),
-            **({"pixel_range": self.pixel_range} if self.pixel_range != "symmetric" else {}),
+            **({"encoder_input_range": self.encoder_input_range} if self.encoder_input_range != "symmetric" else {}),
         }
 
 

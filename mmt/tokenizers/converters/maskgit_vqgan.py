@@ -21,8 +21,10 @@ msgpack checkpoint; read by `flax_msgpack`, no flax needed). Its parameter tree
 GroupNorm: 32 groups, ε 1e-6 (Flax's default), `scale`/`bias` -> `gamma`/`beta`.
 Flax kernels are HWIO like Keras's. The architecture is mmt's VQGAN with two options
 (see `VQGAN`): `shortcut_from="branch"` (MaskGIT's ResBlock projects the residual
-branch's output, `x + conv1x1(x)`) and `pixel_range="unit"` (MaskGIT's images are in
-[0, 1]). Its bias-free convolutions get zero biases.
+branch's output, `x + conv1x1(x)`) and `encoder_input_range="unit"` (MaskGIT's images
+are in [0, 1]: the encoder maps mmt's [-1, 1] first, so its zero padding is MaskGIT's;
+the decoder's [0, 1] output becomes [-1, 1] by scaling the last convolution, exactly).
+Its bias-free convolutions get zero biases.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from mmt.tokenizers.converters.common import Assigner, ConversionError
 MASKGIT_CONFIG: dict[str, Any] = dict(
     image_size=256, filters=128, channel_multipliers=(1, 1, 2, 2, 4), num_res_blocks=2, embedding_dim=256,
     codebook_size=1024, num_groups=32, downsample_mode="avg_pool", commitment_cost=0.25, entropy_weight=0.1,
-    entropy_temperature=0.01, shortcut_from="branch", pixel_range="unit",
+    entropy_temperature=0.01, shortcut_from="branch", encoder_input_range="unit",
 )
 
 
@@ -83,8 +85,8 @@ def load_into(vqgan, checkpoint: str | os.PathLike) -> None:
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read MaskGIT checkpoint {source}: {e}") from e
     assigner = Assigner(source, flax_msgpack.flatten(_params(tree, source)))
-    if vqgan.shortcut_from != "branch" or vqgan.pixel_range != "unit":
-        raise ConversionError("a MaskGIT VQGAN needs VQGAN(shortcut_from='branch', pixel_range='unit')")
+    if vqgan.shortcut_from != "branch" or vqgan.encoder_input_range != "unit":
+        raise ConversionError("a MaskGIT VQGAN needs VQGAN(shortcut_from='branch', encoder_input_range='unit')")
     encoder, decoder = vqgan.encoder, vqgan.decoder
 
     _conv(assigner, encoder.chain[0], "encoder/Conv_0", bias=False)
@@ -104,7 +106,10 @@ def load_into(vqgan, checkpoint: str | os.PathLike) -> None:
         _conv(assigner, up.conv, f"decoder/Conv_{k}")
     assigner.assign(decoder.norm_out.gamma, "decoder/GroupNorm_0/scale")
     assigner.assign(decoder.norm_out.beta, "decoder/GroupNorm_0/bias")
-    _conv(assigner, decoder.conv_out, f"decoder/Conv_{len(ups) + 1}")
+    # MaskGIT decodes to [0, 1]; y' = 2 y - 1 folded into the last (linear) convolution is exact.
+    out = f"decoder/Conv_{len(ups) + 1}"
+    assigner.assign(decoder.conv_out.kernel, f"{out}/kernel", lambda w: 2.0 * w)
+    assigner.assign(decoder.conv_out.bias, f"{out}/bias", lambda b: 2.0 * b - 1.0)
     assigner.check_all_used()
 
 
