@@ -119,7 +119,8 @@ def test_karpathy_split_to_coco_format(tmp_path):
         {"cocoid": 6, "filepath": "val2014", "filename": "b.jpg", "split": "restval", "sentences": [{"raw": "z"}]},
         {"cocoid": 7, "filepath": "train2014", "filename": "c.jpg", "split": "train", "sentences": [{"raw": "w"}]}]}
     (tmp_path / "dataset_coco.json").write_text(json.dumps(dataset))
-    assert coco.main([str(tmp_path / "dataset_coco.json"), "--split", "test", "--output", str(tmp_path / "t.json")]) == 0
+    argv = [str(tmp_path / "dataset_coco.json"), "--split", "test", "--output", str(tmp_path / "t.json")]
+    assert coco.main(argv) == 0
     references, files = captions.read_coco_references(tmp_path / "t.json")
     assert references == {5: ["x", "y"]} and files == {5: "val2014/a.jpg"}
     train = coco.karpathy_to_coco(dataset, "train")

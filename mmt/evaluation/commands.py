@@ -40,7 +40,8 @@ def add_parsers(commands) -> None:
     fid.add_argument("--num_images", type=int, default=None, help="at most this many images / captions")
     fid.add_argument("--batch_size", type=int, default=64)
     fid.add_argument("--resolution", type=int, default=299, help="network input side (299: the protocol)")
-    fid.add_argument("--image_size", type=int, default=None, help="centre-crop and resize folder images to this square first")
+    fid.add_argument("--image_size", type=int, default=None,
+                     help="centre-crop and resize folder images to this square first")
     fid.add_argument("--save_images", default=None, help="also write the generated images to this folder")
     fid.add_argument("--seed", type=int, default=0)
     fid.add_argument("--num_steps", type=int)
