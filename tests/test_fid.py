@@ -240,12 +240,14 @@ def test_extractor_statistics_streams_batches(model):
 
 def test_weights_from_pth_and_npz_and_shape_errors(tmp_path, state):
     pth = tmp_path / "pt_inception.pth"
-    torch_files.save_legacy(pth, torch_files.state_dict_node(state))  # the 2019 release's format
+    with_counters = {**state, "Conv2d_1a_3x3.bn.num_batches_tracked": np.array(7, np.int64)}  # torch >= 0.4.1
+    torch_files.save_legacy(pth, torch_files.state_dict_node(with_counters))  # the 2019 release's format
     loaded = fid_inception.read_weights(pth)
-    assert set(loaded) == set(state)
+    assert set(loaded) == set(with_counters) and loaded["Conv2d_1a_3x3.bn.num_batches_tracked"] == 7
+    loaded.pop("Conv2d_1a_3x3.bn.num_batches_tracked")
     np.testing.assert_array_equal(loaded["Mixed_7c.branch_pool.conv.weight"], state["Mixed_7c.branch_pool.conv.weight"])
     assert fid_inception.main([str(pth), str(tmp_path / "w.npz")]) == 0
-    assert set(fid_inception.read_weights(tmp_path / "w.npz")) == set(state)
+    assert set(fid_inception.read_weights(tmp_path / "w.npz")) == set(with_counters)
     bad = dict(state)
     bad["Mixed_6b.branch7x7_2.conv.weight"] = np.zeros((128, 128, 7, 1), np.float32)
     with pytest.raises(ValueError, match=r"Mixed_6b\.branch7x7_2\.conv\.weight.*\(128, 128, 7, 1\)"):
