@@ -55,12 +55,18 @@ def _wait_for(process, text):
 
 
 def _losses(workdir):
-    """step -> losses; a resumed run's later line for a step supersedes the earlier one."""
+    """step -> losses; every step is logged once, even across resumes (README: metrics.jsonl)."""
     by_step = {}
     for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
+        assert row["step"] not in by_step, f"step {row['step']} logged twice in {workdir}/metrics.jsonl"
         by_step[row["step"]] = {k: v for k, v in row.items() if k.startswith(("loss/", "grad_norm/"))}
     return by_step
+
+
+def _tree(directory):
+    """Every file under `directory` (relative path -> bytes)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(Path(directory).rglob("*")) if p.is_file()}
 
 
 def _final_state(workdir):
@@ -125,6 +131,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tiny_data, refer
     resumed = _train(tiny_data["data_dir"], workdir)
     assert "resumed from checkpoint at step 28" in resumed.stdout
     assert "ckpt-000000030" in resumed.stderr  # the warning names the damaged checkpoint
+    # Steps 29 and 30 ran twice (before the damage and after the resume): logged once.
+    assert sorted(_losses(workdir)) == list(range(1, 31))
     _assert_same_run(workdir, reference, from_step=29)
 
 
@@ -168,9 +176,13 @@ def test_dry_run_prints_parameters_and_config_without_reading_data(tmp_path):
 def test_resuming_with_a_changed_config_is_refused_unless_allowed(tiny_data, reference, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
+    before = _tree(workdir)
     changed = _train(tiny_data["data_dir"], workdir, "Trainer.clip_grad_norm = 1.0", check=False)
-    assert changed.returncode == 1
+    assert changed.returncode == 2
     assert "different operative config" in changed.stderr and "clip_grad_norm" in changed.stderr
+    # Refused before anything was written: config.gin, operative_config.gin, run_info.json,
+    # metrics and checkpoints are byte for byte what they were.
+    assert _tree(workdir) == before
     command = _command(tiny_data["data_dir"], workdir, "Trainer.clip_grad_norm = 1.0", steps=31)
     allowed = subprocess.run(command + ["--allow_config_change"], env=_env(), cwd=REPO,
                              capture_output=True, text=True, timeout=300)

@@ -63,6 +63,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from mmt.errors import UserError
+
 _log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -72,7 +74,7 @@ _PREFIX = "ckpt"  # tf.train.Checkpoint file prefix inside a step directory
 _NAME = re.compile(r"^ckpt-(\d{9,})(?:\.(tmp|old)-[0-9a-z]+)?$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is not committed, not intact, or cannot be read."""
 
 
@@ -83,8 +85,10 @@ class CheckpointInfo:
     metadata: dict[str, Any]
 
 
-def model_variables(model) -> tf.__internal__.tracking.AutoTrackable:
+def model_variables(model, exclude=()) -> tf.__internal__.tracking.AutoTrackable:
     """Every variable of a Keras 3 `model`, as one flat trackable for `tf.train.Checkpoint`.
+
+    `exclude`: variables left out (a task's frozen parts, recorded by fingerprint).
 
     `tf.train.Checkpoint(model=model)` follows the TensorFlow object graph, which does
     not see into the lists Keras 3 tracks layers in (a `TransformerStack`'s blocks): a
@@ -93,15 +97,10 @@ def model_variables(model) -> tf.__internal__.tracking.AutoTrackable:
     named after its Keras path without the model's own name (`encoder/block_0/...`),
     which stays the same across instances (`itit`, `itit_1`) and processes.
     """
+    from mmt.exports import weight_names  # the naming exports share
+
     variables = tf.__internal__.tracking.AutoTrackable()
-    seen: dict[str, str] = {}
-    for variable in model.weights:
-        parts = variable.path.split("/")
-        name = ".".join(parts[1:] if len(parts) > 1 and parts[0] == model.name else parts)
-        if name in seen:
-            raise ValueError(f"two variables of {model.name!r} share the checkpoint name {name!r} "
-                             f"({seen[name]} and {variable.path}); give their layers distinct names")
-        seen[name] = variable.path
+    for name, variable in weight_names(model, exclude).items():
         setattr(variables, name, variable)
     return variables
 

@@ -24,6 +24,7 @@ A `Task` (see `task.py`) gives one replica's named losses; the `Trainer` owns th
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import json
@@ -40,10 +41,15 @@ import keras
 import tensorflow as tf
 
 from mmt.data import features, pipeline
+from mmt.errors import UserError
 from mmt.tokenizers.text import EOS_ID, PAD_ID
-from mmt.training.checkpoint import CheckpointManager, model_variables
+from mmt.training.checkpoint import CheckpointError, CheckpointManager, model_variables
+from mmt.training import data_check
 from mmt.training.summaries import MetricsWriter
-from mmt.training.task import OptimizerGroup, Ratio, StepSeed, Task, parameter_breakdown
+from mmt import rng
+from mmt.exports import frozen_record, frozen_variables
+from mmt.models.text_encoders import shape_only_frozen_encoders
+from mmt.training.task import OptimizerGroup, Ratio, Task, parameter_breakdown
 
 _log = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ MODES = ("auto", "xla", "graph", "eager")
 _STRING_FIELDS = ("key", "caption")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run stopped for a reason the user must act on (its checkpoints are intact)."""
 
 
@@ -149,7 +155,7 @@ class Trainer:
         keras.mixed_precision.set_global_policy(self.precision)
         # Initial weights (and tf.data's global seed) follow the run's seed: two runs of
         # one config start from the same weights, whatever the strategy.
-        keras.utils.set_random_seed(self.seed)
+        rng.seed_initial_weights(self.seed)
         with self.strategy.scope():
             self.task = self.task_factory()
             self.task.build()
@@ -185,6 +191,14 @@ class Trainer:
         self._boundaries = tuple(sorted(int(b) for b in self.task.phase_boundaries()))
         self._step_fns = {}
 
+    def memory_report(self, replicas: int | None = None) -> str:
+        """Per-replica memory (parameters, gradients, slots, estimated activations); see `memory.py`."""
+        from mmt.training import memory
+
+        replicas = replicas or self.strategy.num_replicas_in_sync
+        return memory.report(self.task, self.optimizers, {n: s.batch_size for n, s in self.streams.items()},
+                             replicas, self.precision)
+
     def parameter_report(self) -> str:
         """The parameter breakdown by top-level component."""
         rows = [r for r in parameter_breakdown(self.task.component_layers()) if r[1] or r[2]]
@@ -208,8 +222,8 @@ class Trainer:
         ctx = tf.distribute.get_replica_context()
         num_replicas = self.strategy.num_replicas_in_sync
         replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
-        seed = StepSeed(tf.stack([tf.constant(self.seed, tf.int64), step * 4096 + replica]))
-        with tf.GradientTape(persistent=len(self.groups) > 1) as tape:
+        seed = rng.for_step(self.seed, step, replica)
+        with tf.GradientTape(persistent=len(self.groups) > 1) as tape, rng.scope(seed):
             raw = self.task.compute_losses(batch, step, seed)
             losses = {}
             for name, value in raw.items():
@@ -290,8 +304,14 @@ class Trainer:
         return {f"learning_rate/{n}": float(keras.ops.convert_to_numpy(o.learning_rate)) for n, o in self.optimizers.items()}
 
     def run(self, workdir: str, *, strategy: tf.distribute.Strategy | None = None, dry_run: bool = False,
-            allow_config_change: bool = False) -> RunResult:
+            allow_config_change: bool = False, check_config: Callable[[], None] | None = None,
+            dry_run_replicas: int | None = None) -> RunResult:
         """Builds everything, resumes from the newest valid checkpoint, trains.
+
+        Before anything is read or written: `check_config` (once the task is built; e.g.
+        gin's unused bindings), every stream's manifest against the task's
+        `data_expectations()`, and the resume check; the workdir's config files and
+        `run_info.json` are written only after all of them and the restore passed.
 
         Args:
           workdir: the run's directory (checkpoints, summaries, records of the run).
@@ -301,25 +321,37 @@ class Trainer:
           allow_config_change: resume even if gin's operative config (taken after the
             task is built, so it holds the model's bindings) differs from the one
             recorded in `workdir`.
+          dry_run_replicas: the replica count the dry run's memory report splits the
+            global batch over (default: the strategy's), e.g. a pod's core count.
+          check_config: called once the task is built, before anything else (also in a
+            dry run); raises to refuse the run.
         """
         previous_policy = keras.mixed_precision.global_policy()
         try:
-            return self._run(workdir, strategy, dry_run, allow_config_change)
+            return self._run(workdir, strategy, dry_run, allow_config_change, check_config, dry_run_replicas)
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
 
-    def _run(self, workdir, strategy, dry_run, allow_config_change) -> RunResult:
-        self.build(strategy)
+    def _run(self, workdir, strategy, dry_run, allow_config_change, check_config=None,
+             dry_run_replicas=None) -> RunResult:
+        # A dry run sizes frozen preset encoders from their configs without loading
+        # them: a T5-XXL-shaped run is reported on a machine that cannot hold T5-XXL.
+        with shape_only_frozen_encoders() if dry_run else contextlib.nullcontext():
+            self.build(strategy)
         operative_config = _operative_config()
+        if check_config is not None:
+            check_config()
         if dry_run:
             print(self.parameter_report())
+            print(self.memory_report(dry_run_replicas))
             print("\n# operative config\n" + operative_config)
             return RunResult("dry_run", 0, 0, {})
         workdir = os.fspath(workdir)
-        tf.io.gfile.makedirs(workdir)
         chief, worker = _chief_and_worker(self.strategy)
+        manifests = self.check_data()
         if chief:
-            self._record_run(workdir, operative_config, allow_config_change)
+            self._check_resume(workdir, operative_config, allow_config_change)
+        tf.io.gfile.makedirs(workdir)
         inputs = pipeline.InputIterator.from_specs(
             self.streams,
             strategy=self.strategy,
@@ -330,7 +362,7 @@ class Trainer:
             expected_text_vocab=getattr(self.task, "text_vocab_fingerprint", None),
         )
         checkpoint = tf.train.Checkpoint(
-            model=model_variables(self.task.model),
+            model=model_variables(self.task.model, exclude=frozen_variables(self.task)),
             step=self.step,
             skipped_total=self.skipped_total,
             skipped_in_row=self.skipped_in_row,
@@ -338,7 +370,17 @@ class Trainer:
             **{f"optimizer_{name}": opt for name, opt in self.optimizers.items()},
         )
         manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint, keep=self.keep_checkpoints)
-        restored = manager.restore_latest()
+        try:
+            restored = manager.restore_latest()
+        except CheckpointError as e:
+            raise TrainingError(
+                f"{e}\nMove the damaged checkpoints out of {manager.directory} to start again from step 0, "
+                "or train in another --workdir") from e
+        if restored is not None:
+            check_frozen_parts(self.task, manager, restored)
+        if chief:
+            # Only now, with the run's inputs, config and checkpoint accepted.
+            self._record_run(workdir, operative_config, manifests)
         if not chief:
             # Every worker takes part in saving (variables are read collectively), but
             # only the chief's copy is kept: the others write to their own scratch space.
@@ -354,7 +396,13 @@ class Trainer:
         status, step, last = "completed", start, {}
         try:
             while step < self.train_steps:
-                batch = next(inputs)
+                try:
+                    batch = next(inputs)
+                except tf.errors.InvalidArgumentError as e:
+                    # The input pipeline's record checks (token counts, ids in range) name
+                    # the records at fault.
+                    raise TrainingError(f"bad input records at step {step + 1}: {features.error_summary(e)}; "
+                                        "re-create the data or drop these records") from e
                 metrics, applied = self.train_step(batch)
                 step += 1
                 if not bool(applied):
@@ -386,22 +434,55 @@ class Trainer:
                     if results:
                         writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
                 if step % self.checkpoint_every == 0 or step == self.train_steps or self._stop_signal is not None:
-                    manager.save(step, metadata={"skipped_total": int(self.skipped_total.numpy())})
+                    manager.save(step, metadata={"skipped_total": int(self.skipped_total.numpy()),
+                                                 "frozen": frozen_record(self.task)})
                 if self._stop_signal is not None:
                     name = signal.Signals(self._stop_signal).name
                     writer.message(f"{name} received: saved a checkpoint at step {step} and stopped")
                     status = "preempted"
                     break
             if status == "completed" and chief:
-                self.task.export(os.path.join(workdir, "export"))
+                self.task.export(os.path.join(workdir, "export"), step=step)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
             writer.close()
         return RunResult(status, step, int(self.skipped_total.numpy()), last)
 
-    def _record_run(self, workdir: str, operative_config: str, allow_config_change: bool) -> None:
-        """Writes the operative config, git revision and data manifests into the workdir."""
+    def check_data(self) -> dict[str, Any]:
+        """Every stream's manifest against the task's `data_expectations()` (before step 1).
+
+        Returns:
+          stream name -> its manifest (recorded in `run_info.json`).
+
+        Raises:
+          data_check.DataMismatchError: naming the manifest, the gin binding and both
+            values (vocabulary sizes, grid, text length, fingerprints, special ids).
+          TrainingError: a stream's data directory or manifest is missing or unreadable.
+        """
+        expect = data_check.expectations_of(self.task)
+        problems = [] if expect is None else data_check.special_id_problems(expect)
+        manifests = {}
+        for name, spec in self.streams.items():
+            binding = data_check.describe(f"{name}/StreamSpec.data_dir")
+            if not tf.io.gfile.isdir(spec.data_dir):
+                raise TrainingError(f"stream {name!r}: data directory {spec.data_dir} does not exist (set by "
+                                    f"{binding}); give a directory written by mmt's data tools")
+            try:
+                manifest = features.read_manifest(spec.data_dir)
+                manifest.split(spec.split)
+            except (FileNotFoundError, ValueError) as e:
+                raise TrainingError(f"stream {name!r} (data_dir from {binding}): {e}") from e
+            manifests[name] = manifest
+            if expect is not None:
+                problems += data_check.stream_problems(
+                    expect, manifest, stream=name, fields=spec.fields, text_length=spec.text_length,
+                    text_length_binding=f"{name}/StreamSpec.text_length")
+        data_check.raise_if(problems)
+        return manifests
+
+    def _check_resume(self, workdir: str, operative_config: str, allow_config_change: bool) -> None:
+        """Refuses to resume a workdir recorded with another operative config (reads only)."""
         path = os.path.join(workdir, "operative_config.gin")
         if tf.io.gfile.exists(path) and tf.io.gfile.exists(os.path.join(workdir, "checkpoints")):
             with tf.io.gfile.GFile(path) as f:
@@ -419,12 +500,18 @@ class Trainer:
                         f"config is refused (pass --allow_config_change to resume anyway):\n{diff}"
                     )
                 _log.warning("resuming %s with a changed config:\n%s", workdir, diff)
-        with tf.io.gfile.GFile(path, "w") as f:
-            f.write(operative_config)
-        manifests = {}
-        for name, spec in self.streams.items():
-            manifest = features.read_manifest(spec.data_dir)
-            manifests[name] = {"data_dir": spec.data_dir, "split": spec.split, **manifest.to_json()}
+
+    def _record_run(self, workdir: str, operative_config: str, manifests: Mapping[str, Any]) -> None:
+        """Writes the full and operative configs, git revision and data manifests into the workdir."""
+        import gin
+
+        for name, text in (("config.gin", gin.config_str()), ("operative_config.gin", operative_config)):
+            path = os.path.join(workdir, name)
+            with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+                f.write(text)
+            tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+        manifests = {name: {"data_dir": self.streams[name].data_dir, "split": self.streams[name].split,
+                            **manifest.to_json()} for name, manifest in manifests.items()}
         info = {
             "git": _git_revision(),
             "command": sys.argv,
@@ -438,6 +525,19 @@ class Trainer:
         }
         with tf.io.gfile.GFile(os.path.join(workdir, "run_info.json"), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True, default=str)
+
+
+def check_frozen_parts(task, manager, step: int) -> None:
+    """Refuses to resume when a frozen part differs from the one the checkpoint was trained with."""
+    recorded = next((c.metadata.get("frozen", {}) for c in manager.checkpoints() if c.step == step), {})
+    current = frozen_record(task)
+    for name in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(name), current.get(name)
+        if was is None or now is None or was.get("fingerprint") != now.get("fingerprint"):
+            raise TrainingError(
+                f"the checkpoint at step {step} in {manager.directory} was trained with frozen part {name!r} = "
+                f"{was or 'none'}, this run loads {now or 'none'}; point the config at the same files "
+                "(e.g. the same T5 preset) or train in another --workdir")
 
 
 def _without_strings(name: str, spec: pipeline.StreamSpec) -> pipeline.StreamSpec:
