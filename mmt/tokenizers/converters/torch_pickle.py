@@ -100,7 +100,7 @@ def _tensor_view(storage, storage_offset, size, stride, requires_grad=False, bac
     if any(s == 0 for s in size):
         return np.zeros(size, storage.dtype)
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if storage_offset < 0 or last >= storage.size:
+    if storage_offset < 0 or last >= storage.size or len(stride) != len(size) or min(stride) < 0:
         raise pickle.UnpicklingError(f"tensor view {size} / {stride} at {storage_offset} exceeds its storage "
                                      f"of {storage.size} elements")
     itemsize = storage.dtype.itemsize
