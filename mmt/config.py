@@ -189,7 +189,7 @@ def _recording_locations():
         location = current[0]
         filename = getattr(location, "filename", None)
         if filename:
-            _LOCATIONS[key] = f"{filename}:{location.line_num + 1}"
+            _LOCATIONS[key] = f"{filename}:{location.line_num}"  # 1-based already
         else:
             line = (getattr(location, "line_content", "") or "").strip()
             _LOCATIONS[key] = f"--gin_param '{line}'" if line else "--gin_param"

@@ -139,7 +139,7 @@ def test_unreferenced_macro_and_unused_binding_fail_naming_their_source(tiny_dat
     _assert_one_line_error(macro, "TRAIN_STEPZ", "--gin_param")
     # An Adam run leaves the file's Adafactor bindings unused.
     adam = _tiny(tiny_data["data_dir"], tmp_path / "b", "Trainer.optimizer = @Adam")
-    _assert_one_line_error(adam, "Adafactor.learning_rate", "tiny_train.gin:22")
+    _assert_one_line_error(adam, "Adafactor.learning_rate", "tiny_train.gin:21")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -109,3 +109,39 @@ def test_config_and_operative_config_written(tmp_path):
     operative = mmt_config.write_config(tmp_path, operative=True)
     text = operative.read_text()
     assert "test_probe.a = 5" in text and "test_probe.b = 2" in text
+
+
+def test_unused_bindings_are_named_with_their_file_and_line(tmp_path):
+    path = tmp_path / "run.gin"
+    path.write_text("UNUSED = 3\nUSED = 4\ntest_probe.a = %USED\nTestLayer.units = 5\n")
+    mmt_config.parse([path], ["EXTRA = 1"])
+    probe()  # TestLayer is never called: its binding is unused; so are UNUSED and EXTRA
+    unused = mmt_config.unused_bindings()
+    assert sorted(unused) == sorted([f"macro UNUSED ({path}:1)", f"TestLayer.units ({path}:4)",
+                                     "macro EXTRA (--gin_param 'EXTRA = 1')"])
+    with pytest.raises(mmt_config.ConfigError, match=r"TestLayer.units .*run.gin:4.*--allow_unused_bindings"):
+        mmt_config.check_unused_bindings()
+    with pytest.warns(UserWarning, match="UNUSED"):
+        mmt_config.check_unused_bindings(allow=True)
+
+
+def test_required_macro_set_to_none_is_unused_on_purpose(tmp_path):
+    base, top = tmp_path / "base.gin", tmp_path / "top.gin"
+    base.write_text("DIR = %gin.REQUIRED\nOTHER = %gin.REQUIRED\ntest_probe.a = %DIR\n")
+    top.write_text(f"include '{base}'\nDIR = None\nOTHER = 'x'\ntest_probe.a = 1\n")
+    mmt_config.parse([top])
+    probe()
+    # DIR = None declares it unused; OTHER was given a value that nothing reads.
+    assert [u.split(" (")[0] for u in mmt_config.unused_bindings()] == ["macro OTHER"]
+
+
+def test_describe_binding_names_the_macro_behind_it():
+    mmt_config.parse([], ["SIZE = 3", "test_probe.a = %SIZE", "test_probe.b = {'k': %SIZE}"])
+    assert mmt_config.describe_binding("test_probe.a") == "SIZE (test_probe.a)"
+    assert mmt_config.describe_binding("test_probe.b['k']") == "SIZE (test_probe.b['k'])"
+    assert mmt_config.describe_binding("TestLayer.units") == "TestLayer.units"
+
+
+def test_unbalanced_bracket_names_the_binding():
+    with pytest.raises(mmt_config.ConfigError, match=r"--gin_param 'test_probe.a = \(5'"):
+        mmt_config.parse([], ["test_probe.b = 2", "test_probe.a = (5"])
