@@ -82,6 +82,10 @@ def _filter_native_stderr() -> None:
     thread.start()
 
     def drain():
+        global _stop_filter
+        if _stop_filter is None:
+            return
+        _stop_filter = None
         try:
             sys.stderr.flush()
             os.dup2(real, 2)  # closes the pipe's last write end held by this process
@@ -89,7 +93,22 @@ def _filter_native_stderr() -> None:
             return
         thread.join(timeout=5)
 
+    global _stop_filter
+    _stop_filter = drain
     atexit.register(drain)
+
+
+_stop_filter: Callable[[], None] | None = None
+
+
+def stop_filtering_native_stderr() -> None:
+    """Ends the filter of `quiet_native_logs` once TensorFlow has started (devices found).
+
+    From then on file descriptor 2 is the real stderr again: a long run's native errors
+    and a crash's last words (written just before an abort) cannot be lost in the pipe.
+    """
+    if _stop_filter is not None:
+        _stop_filter()
 
 
 def quiet_native_logs(verbose: bool, filter_stderr: bool = False) -> None:
@@ -121,4 +140,5 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         return EXIT_USER_ERROR
 
 
-__all__ = ["EXIT_USER_ERROR", "UserError", "is_verbose", "one_line", "quiet_native_logs", "run_main"]
+__all__ = ["EXIT_USER_ERROR", "UserError", "is_verbose", "one_line", "quiet_native_logs", "run_main",
+           "stop_filtering_native_stderr"]

@@ -28,6 +28,7 @@ import sys
 from typing import Sequence
 
 from mmt import config as mmt_config
+from mmt import errors
 from mmt.errors import run_main
 
 
@@ -54,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cpu_replicas > 1:
         distribute.split_cpu(args.cpu_replicas)
     strategy = distribute.make_strategy(args.tpu, cpu_replicas=args.cpu_replicas or None)
+    errors.stop_filtering_native_stderr()  # TensorFlow's start-up is over
     try:
         trainer = configurables.Trainer()
     except (TypeError, ValueError) as e:

@@ -374,8 +374,9 @@ class Trainer:
             restored = manager.restore_latest()
         except CheckpointError as e:
             raise TrainingError(
-                f"{e}\nMove the damaged checkpoints out of {manager.directory} to start again from step 0, "
-                "or train in another --workdir") from e
+                f"{e}\nIf the files are intact they were written by a run with another replica count or input "
+                f"pipeline: resume with those. Otherwise move the damaged checkpoints out of {manager.directory} "
+                "to start again from step 0, or train in another --workdir") from e
         if restored is not None:
             check_frozen_parts(self.task, manager, restored)
         if chief:
