@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
+import platform
 import sys
 import time
 
@@ -61,13 +63,13 @@ def _batch(network, per_stream, seed=0, paired=None):
             "text_only": {"text_ids": text(per_stream)}, "image_only": {"image_tokens": tokens(per_stream)}}
 
 
-def steps_per_second(network, per_stream, row, steps, mode, synthesis_steps):
+def steps_per_second(network, per_stream, row, steps, mode, synthesis_steps, synthesis_guidance=0.0):
     """Row `row` of ROWS, or "1*": no cycle with the total batch as paired examples."""
     equal_total = row == "1*"
     t2i2t, i2t2i = ROWS[1 if equal_total else row]
     trainer = Trainer(
         task=functools.partial(ITITTask, network=network, t2i2t=t2i2t, i2t2i=i2t2i, cycle_start_step=0,
-                               synthesis_steps=synthesis_steps),
+                               synthesis_steps=synthesis_steps, synthesis_guidance=synthesis_guidance),
         streams={}, train_steps=steps, mode=mode, clip_grad_norm=3.0,
         optimizer=functools.partial(Adafactor, learning_rate=Constant(1e-4), beta_1=0.9, beta_2=0.96,
                                     multiply_by_parameter_scale=False, weight_decay=0.045))
@@ -95,9 +97,15 @@ def main(argv=None) -> int:
     parser.add_argument("--no_equal_total", action="store_true",
                         help="skip row 1* (no cycle, the total batch as paired examples)")
     parser.add_argument("--synthesis_steps", type=int, default=8, help="T2I decoding steps inside T2I2T")
+    parser.add_argument("--synthesis_guidance", type=float, default=0.0,
+                        help="classifier-free guidance of that synthesis (ITIT §3.2 uses the T2I inference "
+                        "pipeline: 24 steps, 2.0)")
     args = parser.parse_args(argv)
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"mode {args.mode}, {args.steps} timed steps per row, T2I2T synthesis in {args.synthesis_steps} steps\n")
+    print(f"mode {args.mode}, {args.steps} timed steps per row, T2I2T synthesis in {args.synthesis_steps} steps, "
+          f"guidance {args.synthesis_guidance}\n")
+    figures = {"benchmark": "itit_cycle_cost", "command": " ".join(sys.argv), "machine": platform.processor(),
+               "synthesis_steps": args.synthesis_steps, "synthesis_guidance": args.synthesis_guidance}
     for size in args.sizes:
         network, per_stream = SIZES[size]
         print(f"{size}: batch {per_stream} per stream (T2I {per_stream}, I2T {per_stream}, "
@@ -106,7 +114,8 @@ def main(argv=None) -> int:
         rates = {}
         rows = [*args.rows, *(["1*"] if 1 in args.rows and not args.no_equal_total else [])]
         for row in rows:
-            rate, compile_s = steps_per_second(network, per_stream, row, args.steps, args.mode, args.synthesis_steps)
+            rate, compile_s = steps_per_second(network, per_stream, row, args.steps, args.mode, args.synthesis_steps,
+                                               args.synthesis_guidance)
             rates[row] = rate
             ratio = rates[1] / rate if 1 in rates else float("nan")
             cycles = ("off", "off") if row == "1*" else ROWS[row]
@@ -116,6 +125,10 @@ def main(argv=None) -> int:
             if "1*" in rates:
                 print(f", {rates['1*'] / rates[7]:.2f}x at the same total batch (row 1*, Table 4's setup)", end="")
             print(" -- paper 2.3x, target <= 2.0x\n")
+            figures[f"{size}_full_vs_row1"] = round(rates[1] / rates[7], 3)
+            if "1*" in rates:
+                figures[f"{size}_full_vs_row1_equal_total"] = round(rates["1*"] / rates[7], 3)
+    print(json.dumps(figures, sort_keys=True))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 
 import keras
 from keras import ops
@@ -186,8 +187,12 @@ class T5TextEncoder(keras.layers.Layer):
     def _encode(self, x, valid, training):
         mask = ops.expand_dims(ops.cast(valid, "int32"), 1)
         bias = None
-        for layer in self.encoder_layers:
-            x, bias = layer(x, attention_mask=mask, position_bias=bias, use_causal_mask=False, training=False)
+        with warnings.catch_warnings():
+            # keras-hub's T5 attention warns that it drops Keras masks; padding reaches it
+            # as `attention_mask` instead, so nothing is lost.
+            warnings.filterwarnings("ignore", message=".*does not support masking", category=UserWarning)
+            for layer in self.encoder_layers:
+                x, bias = layer(x, attention_mask=mask, position_bias=bias, use_causal_mask=False, training=False)
         return self.final_norm(x), valid
 
     def _stand_in(self, shape, valid):
