@@ -90,6 +90,13 @@ def test_text_vocabulary_fingerprint_mismatch(token_data, tiny_data, tmp_path):
                            tiny_data["vocabulary_fingerprint"])
 
 
+def test_tokenizer_or_vocabulary_that_does_not_exist(token_data, tmp_path):
+    image = _itit(token_data, tmp_path / "a", "GRID = (8, 8)", f"IMAGE_TOKENIZER = '{tmp_path / 'vq'}'")
+    _assert_one_line_error(image, "ITITTask.image_tokenizer", str(tmp_path / "vq"))
+    text = _itit(token_data, tmp_path / "b", "GRID = (8, 8)", f"TEXT_VOCAB = '{tmp_path / 'v.model'}'")
+    _assert_one_line_error(text, str(tmp_path / "v.model"))
+
+
 def test_warmup_longer_than_training_names_both_settings(token_data, tmp_path):
     # decay_steps is derived: TRAIN_STEPS - WARMUP_STEPS = 40 - 100.
     result = _itit(token_data, tmp_path / "run", "GRID = (8, 8)", "TRAIN_STEPS = 40", "WARMUP_STEPS = 100")

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from mmt.errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
 
@@ -112,12 +114,17 @@ def resolve_model_file(path: str | os.PathLike) -> Path:
         models = sorted(path.glob("*.model"))
         if len(models) == 1:
             return models[0]
-        raise FileNotFoundError(
+        raise VocabularyNotFoundError(
             f"no SentencePiece model in directory {path}: expected one of "
             f"{', '.join(_MODEL_FILE_NAMES)} or a single *.model file"
             + (f", found {[m.name for m in models]}" if models else "")
         )
-    raise FileNotFoundError(f"SentencePiece model not found: {path}")
+    raise VocabularyNotFoundError(f"SentencePiece model not found: {path}; give the .model file (or its directory) "
+                                  "the data was tokenized with")
+
+
+class VocabularyNotFoundError(UserError, FileNotFoundError):
+    """The configured SentencePiece model does not exist."""
 
 
 class TextTokenizer:

@@ -55,10 +55,29 @@ class DataExpectations:
         return describe_binding(self.bindings.get(attribute, attribute))
 
 
+class TokenizerFileError(UserError, ValueError):
+    """The configured image tokenizer or text vocabulary cannot be read."""
+
+
+def _reading_tokenizers(task: Any, fn):
+    """`fn()`, with unreadable tokenizer / vocabulary files turned into a `TokenizerFileError`."""
+    try:
+        return fn()
+    except UserError:
+        raise
+    except (OSError, ValueError, RuntimeError) as e:  # sentencepiece raises OSError / RuntimeError
+        name = type(task).__name__
+        paths = ", ".join(f"{name}.{k} = {getattr(task, a, None)!r}" for k, a in
+                          (("image_tokenizer", "image_tokenizer_path"), ("text_vocab", "text_vocab_path"))
+                          if getattr(task, a, None))
+        raise TokenizerFileError(f"{name}: the configured tokenizer or vocabulary cannot be read ({paths}): {e}; "
+                                 "point the binding at a saved tokenizer directory / SentencePiece model") from e
+
+
 def expectations_of(task: Any) -> DataExpectations | None:
     """The task's `data_expectations()`, or None for a task that declares none."""
     method = getattr(task, "data_expectations", None)
-    return method() if callable(method) else None
+    return _reading_tokenizers(task, method) if callable(method) else None
 
 
 def stream_problems(expect: DataExpectations, manifest: Any, *, stream: str, fields, text_length: int,
@@ -137,7 +156,7 @@ def check_tokenizers(task: Any) -> None:
     expect = expectations_of(task)
     if expect is None or not hasattr(task, "tokenizers"):
         return
-    image_tokenizer = task.tokenizers()[0]
+    image_tokenizer = _reading_tokenizers(task, task.tokenizers)[0]
     where = f"image tokenizer {getattr(task, 'image_tokenizer_path', '') or ''}".rstrip()
     problems = []
     vocab = getattr(image_tokenizer, "vocab_size", None)
@@ -157,5 +176,5 @@ def describe(binding: str) -> str:
     return describe_binding(binding)
 
 
-__all__ = ["DataExpectations", "DataMismatchError", "check_tokenizers", "expectations_of", "raise_if",
+__all__ = ["DataExpectations", "DataMismatchError", "TokenizerFileError", "check_tokenizers", "expectations_of", "raise_if",
            "special_id_problems", "stream_problems"]
