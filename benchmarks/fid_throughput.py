@@ -12,11 +12,16 @@ runs of each mode, the best of each counted; ends with one JSON line.
     python benchmarks/fid_throughput.py                      # batch 64, 256px inputs, 4 batches
     KERAS_BACKEND=jax python benchmarks/fid_throughput.py --batches=20   # on a GPU host
 
-Measured (2 CPU cores shared with other jobs, load average ~6, TensorFlow backend, XLA,
-`python benchmarks/fid_throughput.py`): bare 2.46 images/s, extractor 3.04 images/s,
-ratio 1.235 -- above 1 because the extractor ships uint8 256px batches where the bare
-pass ships float32 299px ones, and because of the shared cores' noise. No GPU was
-available for this run; a GPU figure is still to be measured (`KERAS_BACKEND=jax`).
+Measured on 2 CPU cores shared with other jobs (load average 4-6), one run each:
+
+    $ python benchmarks/fid_throughput.py                     # TensorFlow backend, XLA
+    bare 4.20 images/s, extractor 4.54 images/s, ratio 1.082
+    $ KERAS_BACKEND=jax python benchmarks/fid_throughput.py   # JAX backend, jit
+    bare 1.87 images/s, extractor 1.72 images/s, ratio 0.921
+
+Above 1 is possible: the extractor ships uint8 256px batches where the bare pass ships
+float32 299px ones, and the shared cores add noise of this size. No GPU was available
+for these runs; a GPU figure is still to be measured (`KERAS_BACKEND=jax` on a GPU host).
 """
 
 from __future__ import annotations

@@ -125,3 +125,14 @@ def test_karpathy_split_to_coco_format(tmp_path):
     assert references == {5: ["x", "y"]} and files == {5: "val2014/a.jpg"}
     train = coco.karpathy_to_coco(dataset, "train")
     assert [i["id"] for i in train["images"]] == [6, 7]  # restval goes with train
+
+
+def test_read_captions_txt_and_coco_with_seeded_subset(tmp_path):
+    from mmt.evaluation.commands import read_captions
+
+    assert read_captions(str(_coco(tmp_path))) == ["A cat sits on the mat.", "A dog runs in the park"]  # first per image
+    (tmp_path / "c.txt").write_text("one\n\n two \nthree\n")
+    assert read_captions(str(tmp_path / "c.txt")) == ["one", "two", "three"]
+    subset = read_captions(str(tmp_path / "c.txt"), limit=2, seed=1)
+    assert len(subset) == 2 and set(subset) < {"one", "two", "three"}
+    assert subset == read_captions(str(tmp_path / "c.txt"), limit=2, seed=1)  # reproducible (FID-30K's sample)
