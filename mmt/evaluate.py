@@ -36,7 +36,9 @@ def linear_probe(args) -> int:
     from mmt.errors import UserError
     from mmt.training.data_check import check_tokenizers
 
-    task, step = load_task(args.workdir, restore=not args.untrained)
+    from mmt import exports
+
+    task, step = load_task(args.workdir, restore=False) if args.untrained else exports.load_trained(args.workdir)
     if not hasattr(task, "image_features"):
         raise UserError(f"{args.workdir} holds a {type(task).__name__}, which has no image_features (frozen "
                         "features for a probe); probe a workdir of a model that has (e.g. UPGen)")
