@@ -4,14 +4,15 @@
 
 `gin/itit_b.gin` unchanged except for what this machine cannot hold or read: a random
 T5 preset of T5-base's shape (v1.1: 12 layers, width 768, MLP 2,048 gated-GELU, 12 heads
-of 64, 32,128 pieces) instead of T5-XXL, a batch of 2 per stream, and the cycles from
-step 0 (and a 1-step warm-up). Everything else is Table 1/3's ITIT-B: 16x16 grids of 8,192 codes, text length
-64, dropout 0.1, Adafactor with momentum, both full cycles (24-step guided synthesis is
-the inference setting; the cycle's own `synthesis_steps` are the config's), XLA. The
-run trains `--steps` steps through `python -m mmt.train`, preempted (SIGTERM, checkpoint) after
-step `steps - 1` and resumed by the same command in a second process, then generates both ways from the export (24 guided
-parallel-decoding steps from T5 ids; greedy captions from tokens). Data and tokenizer
-are random, of the right shapes.
+of 64, 32,128 pieces) instead of T5-XXL, a batch of 2 per stream, the cycles from step 0
+and a 1-step warm-up. Everything else is Table 1/3's ITIT-B: 16x16 grids of 8,192
+codes, text length 64, dropout 0.1, Adafactor with momentum, both full cycles (with the
+config's `synthesis_steps`), XLA. The run trains `--steps` steps through
+`python -m mmt.train`, is preempted (SIGTERM: a checkpoint at the step boundary) once
+step 1 is logged, and is resumed by the same command in a second process; then it
+generates both ways from the export (24 guided parallel-decoding steps from T5 ids,
+decoded by the tokenizer; greedy captions from tokens). Data and tokenizer are random,
+of the right shapes.
 
 Prints each stage's wall time, the step time after compilation and the peak memory of
 the training processes, the command, and ends with one JSON line of those figures.
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -140,15 +142,17 @@ def main(argv=None) -> int:
     files = make_inputs(root)
     figures = {"machine": platform.processor() or platform.machine(), "inputs_s": round(time.perf_counter() - start, 1)}
     run = root / "run"
-    # Preempted (SIGTERM: checkpoint at the step boundary) after step steps - 1, then the
-    # same command again: it resumes and completes, writing the export.
-    figures["train_s"], out = train(files, run, args.steps, stop_after=args.steps - 1)
+    # Preempted once step 1 is logged (SIGTERM: a checkpoint at the next step boundary),
+    # then the same command again: it resumes and completes, writing the export.
+    figures["train_s"], out = train(files, run, args.steps, stop_after=1)
     figures["preempted"] = "SIGTERM received" in out
     times = step_times(run)
     figures["first_step_s"] = round(times[0], 1) if times else None  # includes compilation
     figures["step_s_after_compile"] = round(float(np.median(times[1:])), 2) if len(times) > 1 else None
     figures["resume_s"], out = train(files, run, args.steps)
-    figures["resumed"] = f"resumed from checkpoint at step {args.steps - 1}" in out
+    resumed = re.search(r"resumed from checkpoint at step (\d+)", out)
+    figures["resumed_from_step"] = int(resumed.group(1)) if resumed else None
+    figures["resumed"] = bool(resumed) and figures["resumed_from_step"] < args.steps
     figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
     figures.update(generate(run / "export", files))
     for key, value in figures.items():
