@@ -70,6 +70,7 @@ def test_decode_is_the_inverse_epsilon_map_of_sigmoid_mu(tokenizer32):
     codes = tokenizer32.encode(_images(2, 32))
     mu, _ = tokenizer32.decoder_statistics(keras.ops.one_hot(codes, 32))
     expected = np.clip((1 / (1 + np.exp(-np.asarray(mu))) - 0.1) / 0.8, 0, 1) * 2 - 1
+    # float32 sigmoid, affine map and clip against float64: a few ulp of 1, scaled by 2 / 0.8.
     np.testing.assert_allclose(np.asarray(tokenizer32.decode_codes(codes)), expected, atol=1e-5)
 
 
@@ -146,6 +147,8 @@ def test_post_gain_scales_the_residual_branch():
     keras.utils.set_random_seed(1)
     scaled = DVAEResBlock(8, 0.25)
     residual = np.asarray(full(x)) - x
+    # Same weights, so the branch is computed identically and 0.25 scales it exactly (a
+    # power of two); only x + branch - x rounds, by ulp(|x| <= 5) = 5 * 2^-23 < 1e-6.
     np.testing.assert_allclose(np.asarray(scaled(x)) - x, 0.25 * residual, rtol=1e-5, atol=1e-6)
 
 

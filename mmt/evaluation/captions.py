@@ -51,16 +51,21 @@ def read_coco_references(path: str | os.PathLike) -> tuple[dict, dict]:
     return dict(references), files
 
 
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON document at `path`; a missing or malformed file is a `UserError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from e
+
+
 def read_predictions(path: str | os.PathLike) -> dict:
     """image_id -> caption from a COCO results file (`[{"image_id", "caption"}]`) or a
     `{image_id: caption}` JSON object (keys that look like integers become integers)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"predicted captions file {path} not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from e
+    data = read_json(path, "predicted captions file")
     if isinstance(data, list):
         try:
             return {item["image_id"]: str(item["caption"]) for item in data}

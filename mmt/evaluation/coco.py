@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from mmt.errors import UserError
+from mmt.evaluation.captions import read_json
 
 SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
@@ -48,13 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", choices=sorted(SPLITS))
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    path = Path(args.dataset)
-    if not path.is_file():
-        raise UserError(f"{path} not found")
-    try:
-        dataset = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from e
+    dataset = read_json(args.dataset, "Karpathy's dataset file")
     coco = karpathy_to_coco(dataset, args.split)
     Path(args.output).write_text(json.dumps(coco))
     print(f"wrote {len(coco['images'])} images, {len(coco['annotations'])} captions of Karpathy's {args.split} "
