@@ -15,6 +15,7 @@ the bottleneck of a host feeding accelerators.
 
 from __future__ import annotations
 
+import json
 import argparse
 import os
 import shlex
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> float:
         f"{os.cpu_count()} CPUs, tensorflow {tf.__version__}"
     )
     print(f"command: python {command}")
+    print(json.dumps({"benchmark": "input_pipeline", "command": f"python {command}", "cpus": os.cpu_count(),
+                      "examples_per_s": round(rate, 1), "steps_per_s": round(args.steps / elapsed, 3)},
+                     sort_keys=True))
     if tmp is not None:
         tmp.cleanup()
     return rate

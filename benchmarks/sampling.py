@@ -24,6 +24,7 @@ random bits at memory speed, so the gain there is smaller.
 
 from __future__ import annotations
 
+import json
 import argparse
 import shlex
 import sys
@@ -96,6 +97,8 @@ def main(argv=None) -> None:
 
     tokens = np.full((args.batch, args.image_tokens), mask_id, "int32")
     seconds = timed(compile_fn(guided), tokens, repeats=args.repeats)
+    figures = {"benchmark": "sampling", "command": command, "backend": keras.backend.backend(),
+               "decode_s_per_batch": round(seconds, 4)}
     print(f"decode       batch {args.batch}, {args.image_tokens} tokens, {args.steps} steps, "
           f"V {args.vocab}, guided: {seconds:.2f} s/batch")
 
@@ -116,6 +119,8 @@ def main(argv=None) -> None:
     seconds = timed(compile_fn(beam), start, cache, repeats=args.repeats)
     print(f"beam_search  batch {args.batch}, beam {args.beam}, {args.text_length} tokens, "
           f"V {args.vocab}, cached: {seconds:.2f} s/batch")
+    figures["beam_search_s_per_batch"] = round(seconds, 4)
+    print(json.dumps(figures, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ noise sigma 60 98.85 / 99.85 / 100%, 3% random pixels 99.95 / 100 / 100%, colour
 
 from __future__ import annotations
 
+import json
 import argparse
 import shlex
 import sys
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     print("$ python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]))
     print(f"{args.count} {args.split} images per resolution, seed {args.seed}")
     print(f"{'resolution':<12}" + "".join(f"{c:<9}" for c in _COLUMNS) + "images/s  (detect only)")
+    figures = {"benchmark": "shapes_detector", "command": " ".join(["python", *sys.argv])}
     for resolution in (int(r) for r in args.resolutions.split(",")):
         config = shapes.ShapesConfig(resolution=resolution, seed=args.seed)
         examples = list(shapes.generate(config, args.split, args.count))
@@ -99,12 +101,15 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         scores = shapes.attribute_accuracy(predicted, [e.objects for e in examples])
         print(f"{resolution:<12}" + "".join(f"{scores[c]:<9.2%}" for c in _COLUMNS) + f"{len(examples) / seconds:,.0f}")
+        figures[str(resolution)] = {**{c: round(scores[c], 4) for c in _COLUMNS},
+                                    "images_per_s": round(len(examples) / seconds, 1)}
         misses = [(e, p) for e, p in zip(examples, predicted) if p != e.objects]
         for example, found in misses[:3]:
             print(f"  {example.key}: true {[o.describe() for o in example.objects]}, "
                   f"detected {[o.describe() for o in found]}")
         if args.robustness:
             robustness(examples, args.seed)
+    print(json.dumps(figures, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ run mean anything.
 
 from __future__ import annotations
 
+import json
 import argparse
 import functools
 import os
@@ -305,6 +306,8 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     modes = [True, False] if args.no_xla else [True]
+    figures = {"benchmark": "train_step", "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+               "machine": platform.processor() or platform.machine(), "ceiling_gflops": round(best_ceiling, 1)}
     for width in args.widths:
         flops = train_flops(width)
         results = {}
@@ -317,8 +320,11 @@ def main(argv=None) -> int:
                       f"{100 * gflops / best_ceiling:>8.1f}%", flush=True)
         print(f"  width {width}: mmt / stock keras (XLA) = {results[('mmt', True)] / results[('stock keras', True)]:.2f}x; "
               f"mmt / dots only (XLA) = {results[('mmt', True)] / results[('dots only', True)]:.2f}x\n")
+        figures[f"width_{width}"] = {f"{n.replace(' ', '_')}{'' if jit else '_no_xla'}_of_ceiling":
+                                     round(g / best_ceiling, 4) for (n, jit), g in results.items()}
         if args.profile:
             profile_mmt(width, 5, args.precision, os.path.join(args.profile, f"width{width}"))
+    print(json.dumps(figures, sort_keys=True))
     return 0
 
 

@@ -16,6 +16,7 @@ from mmt.optimizers import Adafactor, Constant
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 from mmt.training.task import StepSeed
 from mmt.training.trainer import Trainer
+from t5_presets import t5_preset
 
 NETWORK = dict(size="tiny", image_vocab_size=32, grid=(4, 4), text_vocab_size=40, text_length=6,
                size_overrides={"encoder_depth": 1, "encoder_width": 32, "decoder_width": 32,
@@ -275,24 +276,13 @@ def _itit_parameters(c, vocab, codes, t5_width, text_length, k):
     return total
 
 
-def _t5_preset(directory, hidden_dim=16):
-    """A tiny random keras-hub T5 preset (vocabulary 40) saved to `directory`."""
-    import keras_hub
-
-    keras.utils.set_random_seed(0)
-    t5 = keras_hub.models.T5Backbone(vocabulary_size=40, num_layers=2, num_heads=2, hidden_dim=hidden_dim,
-                                     intermediate_dim=24, key_value_dim=8, dropout=0.0)
-    t5.save_to_preset(str(directory))
-    return t5
-
-
 def test_parameter_formula_counts_the_built_network(tmp_path):
     # The formula below gives Table 1's totals; here it must match a built network with
     # B's widths (one block per stack, to stay small) and a T5 preset as the text encoder.
     from mmt.models.variants import itit_size
 
     overrides = {"encoder_depth": 1, "image_decoder_depth": 1, "text_decoder_depth": 1}
-    _t5_preset(tmp_path / "t5", hidden_dim=24)
+    t5_preset(tmp_path / "t5", hidden_dim=24)
     m = ITIT(size="B", image_vocab_size=64, grid=(4, 4), text_length=8, text_encoder=str(tmp_path / "t5"),
              size_overrides=overrides)
     m.build_all()
@@ -359,7 +349,7 @@ def test_one_compiled_step_per_cycle_phase():
 def test_t5_preset_on_disk_is_the_frozen_text_encoder(tmp_path):
     """ITIT §4.1: a keras-hub T5 preset from a local directory embeds the text, frozen."""
     preset = tmp_path / "t5_preset"
-    t5 = _t5_preset(preset)
+    t5 = t5_preset(preset)
     network = {**NETWORK, "text_vocab_size": 999, "text_encoder": str(preset)}
     trainer = Trainer(task=functools.partial(ITITTask, network=network, cycle_start_step=0, synthesis_steps=2,
                                              t2i2t="full", i2t2i="full"),

@@ -22,6 +22,7 @@ from mmt.optimizers import Adafactor, Constant
 from mmt.tokenizers.text import TextTokenizer, train_sentencepiece
 from mmt.tokenizers.vqgan import VQGAN
 from mmt.training.trainer import Trainer, TrainingError
+from t5_presets import t5_preset
 
 REPO = Path(__file__).resolve().parents[1]
 GRID, CODES, LENGTH = (4, 4), 32, 8
@@ -31,17 +32,6 @@ NETWORK = dict(size="tiny", image_vocab_size=CODES, grid=GRID, text_length=LENGT
                                "text_decoder_depth": 1, "image_decoder_depth": 1})
 CAPTIONS = ["a red circle", "a blue square", "a large green triangle", "a small red square in the top left",
             "two blue circles", "a green circle at the bottom"]
-
-
-def t5_preset(directory, vocabulary_size, seed=0, hidden_dim=16):
-    """A tiny random keras-hub T5 preset (encoder and decoder) saved to `directory`."""
-    import keras_hub
-
-    keras.utils.set_random_seed(seed)
-    t5 = keras_hub.models.T5Backbone(vocabulary_size=vocabulary_size, num_layers=2, num_heads=2,
-                                     hidden_dim=hidden_dim, intermediate_dim=24, key_value_dim=8, dropout=0.0)
-    t5.save_to_preset(str(directory))
-    return t5
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,7 @@ def _load_legacy(data: bytes, safe, source: str):
         holder = entry[2]
         if view_metadata is not None:
             raise pickle.UnpicklingError(f"{source}: storage views are not supported")
-        # A placeholder filled once the raw bytes (after this pickle) are read.
+        # A lazy storage: its values arrive once the raw bytes (after this pickle) are read.
         proxy = _LazyStorage(storage_type.dtype)
         holder.append(proxy)
         return proxy
