@@ -3,7 +3,7 @@
 Each stage is a labelled `PTransform`; models load in `DoFn.setup`; every dropped
 input is counted and dead-lettered with its reason. They run on DirectRunner locally
 and on Dataflow at scale (`--runner=DataflowRunner --setup_file=./setup.py`).
-The record format they write is `mmt.data.features`.
+The record format they write is `mmt.data.schema`.
 """
 
 import logging as _logging

@@ -21,8 +21,8 @@ from mmt.errors import VERBOSE_FLAG, UserError
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 def _shapes_split_fields() -> dict[str, tuple[str, ...]]:
-    # Imported when needed: `mmt.data.shapes_records` imports TensorFlow.
-    from mmt.data import shapes_records
+    # Imported when needed: `mmt.data.shapes.records` imports TensorFlow.
+    from mmt.data.shapes import records as shapes_records
 
     return shapes_records.SPLIT_FIELDS
 

@@ -13,7 +13,7 @@ README, "Preprocessing with Apache Beam"). The graph:
     every stage's drops -> Write dead letters; counts -> Finalize (stats, manifest, COMPLETED)
 
 The output directory holds one split: `{split}-NNNNN-of-NNNNN.tfrecord` in the schema
-of `mmt.data.features`, `manifest.json`, `stats.json`, `dead_letter/*.jsonl` and, once
+of `mmt.data.schema`, `manifest.json`, `stats.json`, `dead_letter/*.jsonl` and, once
 everything else is written and the counts add up, `COMPLETED`. Check it with
 `python -m beam_pipelines.verify DIR`.
 

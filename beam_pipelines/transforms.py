@@ -27,7 +27,7 @@ from beam_pipelines.config import TokenizeConfig
 from beam_pipelines.fetch import FetchError, Fetcher
 from beam_pipelines.items import DROPPED, Item, count, drop
 from beam_pipelines.resources import TokenizerInfo
-from mmt.data import features
+from mmt.data import schema
 
 
 class Stage(beam.PTransform):
@@ -264,7 +264,7 @@ class EncodeRecordsFn(beam.DoFn):
                 Image.fromarray(item.pixels).save(buffer, format="JPEG", quality=95)
             encoded = buffer.getvalue()
         try:
-            serialized = features.encode_example(
+            serialized = schema.encode_example(
                 item.key, image_tokens=item.tokens, image_encoded=encoded, caption=item.caption,
                 text_ids=None if item.text_ids is None else np.asarray(item.text_ids, np.int64))
         except ValueError as e:

@@ -70,7 +70,7 @@ def _check_stats(data_dir: str, manifest) -> dict:
 
 
 def _check_fingerprints(manifest, image_tokenizer: str, text_vocab: str, modules: Sequence[str]) -> None:
-    from mmt.data import features
+    from mmt.data import manifests
 
     image = text = None
     if image_tokenizer:
@@ -78,8 +78,8 @@ def _check_fingerprints(manifest, image_tokenizer: str, text_vocab: str, modules
     if text_vocab:
         text = resources.load_text_vocab(text_vocab).fingerprint()
     try:
-        features.check_fingerprints(manifest, image_tokenizer=image, text_vocab=text)
-    except features.FingerprintMismatchError as e:
+        manifests.check_fingerprints(manifest, image_tokenizer=image, text_vocab=text)
+    except manifests.FingerprintMismatchError as e:
         raise VerifyError(str(e)) from None
 
 
@@ -114,12 +114,12 @@ def _check_record(record: dict, split: str, manifest, modalities: tuple[str, ...
 def _check_split(data_dir: str, split: str, manifest) -> int:
     import tensorflow as tf
 
-    from mmt.data import features
+    from mmt.data import integrity, schema
 
     info = manifest.split(split)
     paths = manifest.shard_paths(split)
     expected = dict(zip(paths, info.shard_bytes)) if info.shard_bytes else None
-    problems = features.find_corrupt_shards(paths, expected_bytes=expected)
+    problems = integrity.find_corrupt_shards(paths, expected_bytes=expected)
     if problems:
         path, problem = problems[0]
         raise VerifyError(f"corrupt shard {path}: {problem}")
@@ -131,7 +131,7 @@ def _check_split(data_dir: str, split: str, manifest) -> int:
         count = 0
         for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
             try:
-                record = features.decode_example(serialized)
+                record = schema.decode_example(serialized)
             except Exception as e:  # a protobuf DecodeError, or a malformed feature
                 raise VerifyError(f"{path}: record {count} does not parse: {e}") from None
             key = record.get("key")
@@ -140,8 +140,8 @@ def _check_split(data_dir: str, split: str, manifest) -> int:
             if key in seen:
                 raise VerifyError(f"{path}: duplicate key {key!r}")
             seen.add(key)
-            if features.shard_index(key, len(paths)) != index:
-                raise VerifyError(f"{path}: record {key!r} belongs in shard {features.shard_index(key, len(paths))}")
+            if schema.shard_index(key, len(paths)) != index:
+                raise VerifyError(f"{path}: record {key!r} belongs in shard {schema.shard_index(key, len(paths))}")
             _check_record(record, split, manifest, modalities)
             count += 1
         if info.shard_records and count != info.shard_records[index]:
@@ -159,10 +159,10 @@ def verify(data_dir: str, *, image_tokenizer: str = "", text_vocab: str = "", mo
         what = ("does not exist" if not FileSystems.exists(data_dir) else
                 f"has no {resources.COMPLETED} marker: the run did not finish (or an --overwrite is swapping it)")
         raise VerifyError(f"{data_dir} {what}")
-    from mmt.data import features  # imports TensorFlow: not needed for the checks above
+    from mmt.data import manifests  # imports TensorFlow: not needed for the checks above
 
     try:
-        manifest = features.read_manifest(data_dir)
+        manifest = manifests.read_manifest(data_dir)
     except (FileNotFoundError, ValueError) as e:
         raise VerifyError(str(e)) from None
     _check_stats(data_dir, manifest)

@@ -1,6 +1,6 @@
 """Writing: deterministic TFRecord shards, dead-letter files, then stats, manifest, COMPLETED.
 
-A record's shard is `features.shard_index(key, num_shards)` (a hash of its key), and
+A record's shard is `schema.shard_index(key, num_shards)` (a hash of its key), and
 each shard's records are sorted by key before writing, so the same inputs give
 byte-identical shards whatever the runner, the number of workers or the order in which
 elements arrived. Every shard exists, empty or not. Each file is written under a unique
@@ -35,7 +35,7 @@ from beam_pipelines import output, resources
 from beam_pipelines.config import TokenizeConfig
 from beam_pipelines.items import DEAD_LETTER, DROPPED, FILTERED, count, drop
 from beam_pipelines.resources import TokenizerInfo
-from mmt.data import features
+from mmt.data import manifests, schema
 
 _crc32c = crcmod.predefined.mkPredefinedCrcFun("crc-32c")
 
@@ -74,7 +74,7 @@ class WriteShardFn(beam.DoFn):
 
     def __init__(self, output_dir: str, split: str, num_shards: int):
         self.output_dir = output_dir
-        self.names = features.shard_names(split, num_shards)
+        self.names = schema.shard_names(split, num_shards)
 
     def process(self, element):
         index, values = element
@@ -100,7 +100,7 @@ class WriteShards(beam.PTransform):
         self.output_dir, self.split, self.num_shards = output_dir, split, num_shards
 
     def expand(self, records):
-        keyed = records | "Key by shard" >> beam.Map(lambda r: (features.shard_index(r[0], self.num_shards), r))
+        keyed = records | "Key by shard" >> beam.Map(lambda r: (schema.shard_index(r[0], self.num_shards), r))
         out = (_with_empty_shards(keyed, self.num_shards, "Shard")
                | "Group by shard" >> beam.GroupByKey()
                | "Write shard" >> beam.ParDo(WriteShardFn(self.output_dir, self.split, self.num_shards))
@@ -136,7 +136,7 @@ class WriteDeadLetters(beam.PTransform):
 
     def expand(self, drops):
         keyed = drops | "Key by file" >> beam.Map(
-            lambda d: (features.shard_index(d.key.encode("utf-8", "surrogateescape"), self.num_files), d))
+            lambda d: (schema.shard_index(d.key.encode("utf-8", "surrogateescape"), self.num_files), d))
         return (_with_empty_shards(keyed, self.num_files, "Dead letter")
                 | "Group by file" >> beam.GroupByKey()
                 | "Write file" >> beam.ParDo(WriteDeadLettersFn(self.output_dir, self.num_files)))
@@ -201,17 +201,17 @@ class FinalizeFn(beam.DoFn):
         stats["dead_letter_files"] = sorted(name for name, _ in dead_files)
         with FileSystems.create(FileSystems.join(self.write_dir, resources.STATS)) as handle:
             handle.write((json.dumps(stats, indent=2, sort_keys=True) + "\n").encode())
-        split = features.SplitInfo(
+        split = schema.SplitInfo(
             num_records=stats["written"], shards=tuple(name for _, name, _, _ in shards),
             shard_records=tuple(n for _, _, n, _ in shards), shard_bytes=tuple(b for _, _, _, b in shards))
         image = text = None
         if "image" in c.modalities:
-            image = features.ImageTokenizerInfo(info.image_fingerprint, info.image_grid, info.image_vocab_size)
+            image = manifests.ImageTokenizerInfo(info.image_fingerprint, info.image_grid, info.image_vocab_size)
         if "text" in c.modalities:
-            text = features.TextVocabInfo(info.text_fingerprint, info.text_vocab_size)
+            text = manifests.TextVocabInfo(info.text_fingerprint, info.text_vocab_size)
         options = {**c.to_json(), "pipeline": "beam_pipelines.tokenize", "image_size": info.image_size or None,
                    "stats": {k: stats[k] for k in ("inputs", "written", "filtered", "dead_lettered")}}
-        features.write_manifest(self.write_dir, splits={c.split_name: split}, image_tokenizer=image,
+        manifests.write_manifest(self.write_dir, splits={c.split_name: split}, image_tokenizer=image,
                                 text_vocab=text, options=options)
         marker = {"completed": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "records": stats["written"]}

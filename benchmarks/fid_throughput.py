@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     print("$ python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]))
 
     from mmt.evaluation import fid, fid_inception
-    from mmt.tokenizers.image import compile_function
+    from mmt.backend import compile_function
 
     keras.utils.set_random_seed(0)
     model = fid_inception.FIDInception()

@@ -33,29 +33,29 @@ TEXT_VOCAB = 32_000
 
 def write_synthetic(data_dir: str, records_per_stream: int, num_shards: int, seed: int = 0) -> None:
     """Writes paired / image_only / text_only splits and the manifest into `data_dir`."""
-    from mmt.data import features
+    from mmt.data import manifests, schema
 
     rng = np.random.default_rng(seed)
 
     def records(split: str, image: bool, text: bool):
         for i in range(records_per_stream):
             key = f"{split}-{i:07d}"
-            yield key, features.encode_example(
+            yield key, schema.encode_example(
                 key,
                 image_tokens=rng.integers(0, IMAGE_VOCAB, GRID) if image else None,
                 text_ids=rng.integers(4, TEXT_VOCAB, rng.integers(10, 31)) if text else None,
             )
 
     splits = {
-        "paired": features.write_split(data_dir, "paired", records("paired", True, True), num_shards),
-        "image_only": features.write_split(data_dir, "image_only", records("image_only", True, False), num_shards),
-        "text_only": features.write_split(data_dir, "text_only", records("text_only", False, True), num_shards),
+        "paired": schema.write_split(data_dir, "paired", records("paired", True, True), num_shards),
+        "image_only": schema.write_split(data_dir, "image_only", records("image_only", True, False), num_shards),
+        "text_only": schema.write_split(data_dir, "text_only", records("text_only", False, True), num_shards),
     }
-    features.write_manifest(
+    manifests.write_manifest(
         data_dir,
         splits=splits,
-        image_tokenizer=features.ImageTokenizerInfo("synthetic-image", GRID, IMAGE_VOCAB),
-        text_vocab=features.TextVocabInfo("synthetic-text", TEXT_VOCAB),
+        image_tokenizer=manifests.ImageTokenizerInfo("synthetic-image", GRID, IMAGE_VOCAB),
+        text_vocab=manifests.TextVocabInfo("synthetic-text", TEXT_VOCAB),
         options={"source": "benchmarks/input_pipeline.py", "records_per_stream": records_per_stream},
     )
 
@@ -73,14 +73,14 @@ def main(argv: list[str] | None = None) -> float:
 
     import tensorflow as tf
 
-    from mmt.data import features, pipeline
+    from mmt.data import manifests, pipeline
 
     tmp = None
     data_dir = args.data_dir
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="mmt_input_bench_")
         data_dir = tmp.name
-    if not os.path.exists(os.path.join(data_dir, features.MANIFEST_FILE)):
+    if not os.path.exists(os.path.join(data_dir, manifests.MANIFEST_FILE)):
         start = time.perf_counter()
         write_synthetic(data_dir, args.records_per_stream, args.num_shards)
         print(f"wrote {3 * args.records_per_stream} records in {time.perf_counter() - start:.1f}s to {data_dir}")

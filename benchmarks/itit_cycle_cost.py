@@ -29,7 +29,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from mmt.models.itit_task import ITITTask
+from mmt.tasks.itit import ITITTask
 from mmt.optimizers import Adafactor, Constant
 from mmt.training.trainer import Trainer
 

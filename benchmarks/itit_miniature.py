@@ -65,11 +65,11 @@ def main(argv=None) -> int:
     print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"data: {counts} ({args.paired_fraction:.0%} paired), {args.steps} steps per row, "
           f"{args.eval} eval examples per direction")
-    token_dirs = quickstart._tokenize_splits(out, summary, shapes_config, counts, tokenizer_dir, 2, 64)
+    token_dirs = quickstart.tokenize_splits(out, summary, shapes_config, counts, tokenizer_dir, 2, 64)
 
     from mmt.evaluation.shapes_accuracy import evaluate_generation
     from mmt.tokenizers.image import ImageTokenizer
-    from mmt.training.restore import load_task
+    from mmt.restore import load_task
 
     image_tokenizer = ImageTokenizer.load(str(tokenizer_dir))
     evaluated = list(shapes.generate(shapes_config, "eval", args.eval))
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         t2i2t, i2t2i = ROWS[row]
         workdir = out / f"row{row}"
         start = time.perf_counter()
-        quickstart._train(workdir, "itit_quickstart.gin", [
+        quickstart.train_stage(workdir, "itit_quickstart.gin", [
             f"PAIRED_DIR='{token_dirs['paired']}'", f"IMAGE_ONLY_DIR='{token_dirs['image_only']}'",
             f"TEXT_ONLY_DIR='{token_dirs['text_only']}'", f"IMAGE_VOCAB_SIZE={image_tokenizer.vocab_size}",
             f"GRID={tuple(image_tokenizer.grid_size)}", f"TEXT_VOCAB_SIZE={summary['text_vocab_size']}",

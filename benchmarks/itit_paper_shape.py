@@ -46,7 +46,7 @@ def make_inputs(root: Path) -> dict:
     import keras
     import keras_hub
 
-    from mmt.data import features
+    from mmt.data import manifests, schema
     from mmt.tokenizers.vqgan import VQGAN
 
     keras.utils.set_random_seed(0)
@@ -63,13 +63,13 @@ def make_inputs(root: Path) -> dict:
             for i in range(RECORDS):
                 length = int(rng.integers(8, LENGTH))
                 ids = np.concatenate([rng.integers(3, T5_BASE["vocabulary_size"], length - 1), [1]])
-                yield f"{split}-{i}", features.encode_example(
+                yield f"{split}-{i}", schema.encode_example(
                     f"{split}-{i}", image_tokens=None if split == "text_only" else rng.integers(0, CODES, GRID),
                     text_ids=None if split == "image_only" else ids)
-        splits[split] = features.write_split(data, split, records(), 2)
-    features.write_manifest(data, splits=splits,
-                            image_tokenizer=features.ImageTokenizerInfo(tokenizer.fingerprint(), GRID, CODES),
-                            text_vocab=features.TextVocabInfo("sha256:random-ids", T5_BASE["vocabulary_size"]))
+        splits[split] = schema.write_split(data, split, records(), 2)
+    manifests.write_manifest(data, splits=splits,
+                            image_tokenizer=manifests.ImageTokenizerInfo(tokenizer.fingerprint(), GRID, CODES),
+                            text_vocab=manifests.TextVocabInfo("sha256:random-ids", T5_BASE["vocabulary_size"]))
     return {"preset": str(root / "t5_base"), "tokenizer": str(root / "tokenizer"), "data": str(data)}
 
 
@@ -106,7 +106,7 @@ def step_times(workdir: Path) -> list[float]:
 def generate(export: Path, files: dict) -> dict:
     from keras import ops
 
-    from mmt import exports
+    from mmt.tasks import exports
     from mmt.models import itit_inference
     from mmt.tokenizers.loading import load_image_tokenizer
 

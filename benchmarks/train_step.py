@@ -46,7 +46,7 @@ from keras import ops
 
 from mmt.layers import TransformerStack
 from mmt.optimizers import Adafactor, Constant
-from mmt.training.task import Ratio, Task
+from mmt.tasks.base import Ratio, Task
 from mmt.training.trainer import Trainer
 
 BATCH, TOKENS, DEPTH, VOCAB = 8, 256, 4, 1024

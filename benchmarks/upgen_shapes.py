@@ -49,7 +49,7 @@ COUNTS = {"paired": 2000, "image_only": 4000, "text_only": 4000, "eval": 500}
 
 def make_data(output: str, image_tokenizer: str, vocab_size: int = 256, seed: int = 0) -> dict:
     """Shapes at the tokenizer's resolution -> `{output}/data` (tokens + ids) and `{output}/vocab`."""
-    from mmt.data.shapes_records import write_shapes_records
+    from mmt.data.shapes.records import write_shapes_records
     from mmt.tokenizers import text as text_lib
     from mmt.tokenizers.loading import load_image_tokenizer
 
@@ -72,7 +72,7 @@ def score(workdir: str, examples: int, probe_train: int, probe_test: int, seed: 
           generation: dict | None = None) -> tuple[dict, dict]:
     from mmt.evaluation import linear_probe as probe_lib
     from mmt.evaluation import shapes_accuracy
-    from mmt.training.restore import load_task
+    from mmt.restore import load_task
 
     task, step = load_task(workdir)
     unknown = set(generation or {}) - set(task.generation)

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import gin
 
-from mmt.errors import UserError
+from mmt.errors import UserError, describe_binding  # noqa: F401  (part of this module's API)
 
 # The repo's gin/ folder (present in a source checkout and an editable install).
 GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
@@ -254,32 +254,6 @@ def check_unused_bindings(allow: bool = False, what: str = "this run") -> None:
         "a configurable this model does not build), or pass --allow_unused_bindings for "
         "overlay files shared by several models"
     )
-
-
-def describe_binding(binding: str) -> str:
-    """`binding` (e.g. "ITITTask.network['grid']"), with the macro behind it if any.
-
-    "GRID (ITITTask.network['grid'])" when the parsed config binds it to `%GRID`.
-    """
-    import re
-
-    match = re.fullmatch(r"(?:(?P<scope>[\w.]+)/)?(?P<selector>[\w.]+)\.(?P<param>\w+)(?:\['(?P<key>\w+)'\])?",
-                         binding)
-    if not match:
-        return binding
-    try:
-        configurable = gin.config._REGISTRY.get_match(match["selector"])  # pylint: disable=protected-access
-    except (KeyError, ValueError):
-        configurable = None
-    if configurable is None:
-        return binding
-    params = gin.config._CONFIG.get((match["scope"] or "", configurable.selector), {})  # pylint: disable=protected-access
-    value = params.get(match["param"])
-    if match["key"] and isinstance(value, dict):
-        value = value.get(match["key"])
-    if isinstance(value, gin.config.ConfigurableReference) and value.configurable.wrapped is gin.config.macro:
-        return f"{value.scoped_selector.split('/')[0]} ({binding})"
-    return binding
 
 
 def configurable_entry(fn, name: str):

@@ -16,9 +16,9 @@ import keras
 from mmt.data import pipeline, shapes
 from mmt.optimizers import Adafactor, Constant, Rsqrt, WarmupCosine
 from mmt.tokenizers.dvae import DVAE
-from mmt.tokenizers.dvae_task import DVAETask
+from mmt.tasks.dvae import DVAETask
 from mmt.tokenizers.vqgan import VQGAN
-from mmt.tokenizers.vqgan_task import VQGANTask
+from mmt.tasks.vqgan import VQGANTask
 from mmt.training.trainer import Trainer as _Trainer
 
 gin.external_configurable(shapes.ShapesConfig, "ShapesConfig")
@@ -45,11 +45,11 @@ gin.external_configurable(VQGANTask, "VQGANTask")
 Trainer = gin.external_configurable(_Trainer, "Trainer")
 
 # Models.
-from mmt.models.itit_task import ITITTask  # noqa: E402
+from mmt.tasks.itit import ITITTask  # noqa: E402
 
 gin.external_configurable(ITITTask, "ITITTask")
 
 # UPGen (issue 8).
-from mmt.models.upgen_task import UPGenTask  # noqa: E402
+from mmt.tasks.upgen import UPGenTask  # noqa: E402
 
 gin.external_configurable(UPGenTask, "UPGenTask")

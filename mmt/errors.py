@@ -140,5 +140,32 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         return EXIT_USER_ERROR
 
 
-__all__ = ["EXIT_USER_ERROR", "UserError", "is_verbose", "one_line", "quiet_native_logs", "run_main",
+def describe_binding(binding: str) -> str:
+    """`binding` (e.g. "ITITTask.network['grid']"), with the macro behind it if any.
+
+    "GRID (ITITTask.network['grid'])" when the parsed config binds it to `%GRID`. Library
+    code calls this to name the binding at fault in a `UserError`; it never binds anything.
+    """
+    import gin  # read only: the parsed config, when there is one
+
+    match = re.fullmatch(r"(?:(?P<scope>[\w.]+)/)?(?P<selector>[\w.]+)\.(?P<param>\w+)(?:\['(?P<key>\w+)'\])?",
+                         binding)
+    if not match:
+        return binding
+    try:
+        configurable = gin.config._REGISTRY.get_match(match["selector"])  # pylint: disable=protected-access
+    except (KeyError, ValueError):
+        configurable = None
+    if configurable is None:
+        return binding
+    params = gin.config._CONFIG.get((match["scope"] or "", configurable.selector), {})  # pylint: disable=protected-access
+    value = params.get(match["param"])
+    if match["key"] and isinstance(value, dict):
+        value = value.get(match["key"])
+    if isinstance(value, gin.config.ConfigurableReference) and value.configurable.wrapped is gin.config.macro:
+        return f"{value.scoped_selector.split('/')[0]} ({binding})"
+    return binding
+
+
+__all__ = ["EXIT_USER_ERROR", "UserError", "describe_binding", "is_verbose", "one_line", "quiet_native_logs", "run_main",
            "stop_filtering_native_stderr"]

@@ -31,14 +31,11 @@ from mmt.errors import VERBOSE_FLAG, run_main
 
 def linear_probe(args) -> int:
     from mmt.evaluation import linear_probe as probe_lib
-    from mmt.training.restore import load_task
-
     from mmt.errors import UserError
     from mmt.training.data_check import check_tokenizers
+    from mmt.restore import load_task, load_trained
 
-    from mmt import exports
-
-    task, step = load_task(args.workdir, restore=False) if args.untrained else exports.load_trained(args.workdir)
+    task, step = load_task(args.workdir, restore=False) if args.untrained else load_trained(args.workdir)
     if not hasattr(task, "image_features"):
         raise UserError(f"{args.workdir} holds a {type(task).__name__}, which has no image_features (frozen "
                         "features for a probe); probe a workdir of a model that has (e.g. UPGen)")

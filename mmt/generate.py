@@ -54,10 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from PIL import Image, UnidentifiedImageError
 
-    from mmt import exports
     from mmt.training.data_check import check_tokenizers
+    from mmt.restore import load_trained
 
-    task, step = exports.load_trained(args.workdir)
+    task, step = load_trained(args.workdir)
     hooks = ((["text_to_image"] if args.prompt else []) + (["image_to_text"] if args.image else [])
              + (["unconditional_images"] if args.unconditional else []))
     for hook in hooks:

@@ -21,7 +21,7 @@ cores, the data stages alone seconds):
 
 Training stages run the real entry points in subprocesses (each with its own gin config
 and workdir under `{workdir}/`), so every stage can be rerun by hand with the command it
-prints. `gin/quickstart.gin` binds the defaults; `gin/size/tiny.gin` is the overlay the
+prints. `gin/quickstart.gin` binds the defaults; `gin/run/quickstart_smoke.gin` is the overlay the
 tests use.
 """
 
@@ -103,7 +103,7 @@ def make_data(
     stages.begin(f"writing TFRecords ({num_shards} shards per split) to {data_dir}")
     bars = {s: tqdm(total=n, desc=s, disable=not show_progress, leave=False, file=sys.stderr)
             for s, n in counts.items()}
-    from mmt.data.shapes_records import write_shapes_records  # TensorFlow: after run_main's set-up
+    from mmt.data.shapes.records import write_shapes_records  # TensorFlow: after run_main's set-up
 
     manifest = write_shapes_records(
         data_dir, shapes_config, examples, text_tokenizer=tokenizer, num_shards=num_shards,
@@ -193,14 +193,18 @@ def _run_logged(command: Sequence[str], log_path: Path, echo: Callable[[str], bo
         raise RuntimeError(message)
 
 
-def _train(workdir: Path, gin_file: str, gin_params: Sequence[str], log_name: str) -> None:
+def train_stage(workdir: Path, gin_file: str, gin_params: Sequence[str], log_name: str) -> None:
+    """Runs `python -m mmt.train` on `gin_file` + `gin_params` into `workdir`, logging to
+    `{workdir.parent}/{log_name}` (step lines echoed); a failing run raises its own error."""
     command = [sys.executable, "-m", "mmt.train", f"--gin_file={gin_file}", f"--workdir={workdir}"]
     command += [f"--gin_param={p}" for p in gin_params]
     _run_logged(command, workdir.parent / log_name, lambda line: line.startswith(("step ", "error", "Trainer")))
 
 
-def _tokenize_splits(workdir: Path, summary: dict, shapes_config: shapes.ShapesConfig, counts: Mapping[str, int],
-                     tokenizer_dir: Path, num_shards: int, batch_size: int) -> dict[str, Path]:
+def tokenize_splits(workdir: Path, summary: dict, shapes_config: shapes.ShapesConfig, counts: Mapping[str, int],
+                    tokenizer_dir: Path, num_shards: int, batch_size: int) -> dict[str, Path]:
+    """Tokenizes the shapes splits `TOKENIZED_SPLITS` (`counts` examples each) with the Beam
+    pipeline into `{workdir}/tokens/{split}`; returns split -> output directory."""
     from beam_pipelines import tokenize
 
     outputs = {}
@@ -242,6 +246,7 @@ def run_chain(
     eval_seed: int = 0,
     data_only: bool = False,
     on_configured: Callable[[], None] | None = None,
+    trainer_params: Sequence[str] = (),
 ) -> dict:
     """The whole chain (stages 1-9); returns the summary, scores included.
 
@@ -254,6 +259,8 @@ def run_chain(
       eval_examples: eval-split examples scored in each direction (stage 8).
       eval_seed: the T2I sampler's seed.
       data_only: stop after the data stages (1-4), as `run` does.
+      trainer_params: `Trainer.*` bindings for every training stage (VQGAN and ITIT):
+        `--gin_param='Trainer.seed = 1'` on the quickstart's command line lands here.
       on_configured: called once every gin binding of this function has been read,
         before later stages re-parse gin (the entry point writes its operative config).
     """
@@ -278,13 +285,14 @@ def run_chain(
 
     vqgan_dir = root / "vqgan"
     stages.begin(f"training the image tokenizer ({vqgan_gin_file}) on the image_only split")
-    _train(vqgan_dir, vqgan_gin_file, [f"DATA_DIR='{summary['data_dir']}'",
-                                       f"IMAGE_SIZE={shapes_config.resolution}", *vqgan_gin_params], "vqgan.log")
+    train_stage(vqgan_dir, vqgan_gin_file, [f"DATA_DIR='{summary['data_dir']}'",
+                                       f"IMAGE_SIZE={shapes_config.resolution}", *vqgan_gin_params, *trainer_params],
+           "vqgan.log")
     tokenizer_dir = vqgan_dir / "export"
     stages.done(f"exported to {tokenizer_dir}")
 
     stages.begin(f"tokenizing {', '.join(TOKENIZED_SPLITS)} with the Beam pipeline (DirectRunner)")
-    token_dirs = _tokenize_splits(root, summary, shapes_config, counts, tokenizer_dir, num_shards,
+    token_dirs = tokenize_splits(root, summary, shapes_config, counts, tokenizer_dir, num_shards,
                                   tokenize_batch_size)
     stages.done()
 
@@ -293,17 +301,18 @@ def run_chain(
     image_tokenizer = ImageTokenizer.load(str(tokenizer_dir))
     itit_dir = root / "itit"
     stages.begin(f"training ITIT ({itit_gin_file}) on paired + image-only + text-only tokens")
-    _train(itit_dir, itit_gin_file, [
+    train_stage(itit_dir, itit_gin_file, [
         f"PAIRED_DIR='{token_dirs['paired']}'", f"IMAGE_ONLY_DIR='{token_dirs['image_only']}'",
         f"TEXT_ONLY_DIR='{token_dirs['text_only']}'", f"IMAGE_VOCAB_SIZE={image_tokenizer.vocab_size}",
         f"GRID={tuple(image_tokenizer.grid_size)}", f"TEXT_VOCAB_SIZE={summary['text_vocab_size']}",
         f"IMAGE_TOKENIZER='{tokenizer_dir}'", f"TEXT_VOCAB='{summary['vocabulary']}'", *itit_gin_params,
+        *trainer_params,
     ], "itit.log")
     stages.done()
     del image_tokenizer
 
     from mmt.evaluation.shapes_accuracy import evaluate_generation
-    from mmt.training.restore import load_task
+    from mmt.restore import load_task
 
     evaluated = examples["eval"][:eval_examples]
     stages.begin(f"generating and scoring {len(evaluated)} images and {len(evaluated)} captions (eval split)")
@@ -340,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configured_run = mmt_config.configurable_entry(run_chain, "quickstart")
-    mmt_config.parse(args.gin_file or [DEFAULT_GIN_FILE], args.gin_param)
+    # `Trainer.*` bindings (a training seed, say) belong to the training stages' own runs.
+    trainer_params = [p for p in args.gin_param if p.strip().startswith("Trainer.")]
+    mmt_config.parse(args.gin_file or [DEFAULT_GIN_FILE], [p for p in args.gin_param if p not in trainer_params])
     mmt_config.write_config(args.workdir)
     start = time.perf_counter()
 
@@ -349,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mmt_config.write_config(args.workdir, operative=True)
 
     configured_run(args.workdir, show_progress=not args.no_progress, data_only=args.data_only,
-                   on_configured=write_operative)
+                   on_configured=write_operative, trainer_params=trainer_params)
     print(f"quickstart finished in {time.perf_counter() - start:.0f}s; outputs in {args.workdir}")
     return 0
 

@@ -50,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     mmt_config.parse(args.gin_file, args.gin_param)
 
-    from mmt import configurables, distribute
+    from mmt import configurables
+    from mmt.training import distribute
 
     if args.cpu_replicas > 1:
         distribute.split_cpu(args.cpu_replicas)

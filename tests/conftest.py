@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/tiny_task.py, importable from gin files
 
-from mmt import distribute  # noqa: E402
+from mmt.training import distribute  # noqa: E402
 
 # Before TensorFlow initialises its devices: the default strategy still runs on CPU:0,
 # while MirroredStrategy tests get a second logical device.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmt.data import features
+from mmt.data import manifests, schema
 from mmt.training.checkpoint import PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,12 +55,12 @@ def token_data(tmp_path_factory):
     rng = np.random.default_rng(0)
     splits = {}
     for split, image, text in (("paired", True, True), ("text_only", False, True), ("image_only", True, False)):
-        records = [(f"{split}-{i}", features.encode_example(
+        records = [(f"{split}-{i}", schema.encode_example(
             f"{split}-{i}", image_tokens=rng.integers(0, 256, (8, 8)) if image else None,
             text_ids=rng.integers(4, 74, 5) if text else None)) for i in range(8)]
-        splits[split] = features.write_split(path, split, records, num_shards=1)
-    features.write_manifest(path, splits=splits, image_tokenizer=features.ImageTokenizerInfo("sha256:tok", (8, 8), 256),
-                            text_vocab=features.TextVocabInfo("sha256:data-vocab", 74))
+        splits[split] = schema.write_split(path, split, records, num_shards=1)
+    manifests.write_manifest(path, splits=splits, image_tokenizer=manifests.ImageTokenizerInfo("sha256:tok", (8, 8), 256),
+                            text_vocab=manifests.TextVocabInfo("sha256:data-vocab", 74))
     return path
 
 

@@ -59,6 +59,6 @@ def test_setup_file_ships_mmt_and_the_pipelines(tmp_path):
 
     sdist = Stager._build_setup_package(str(REPO / "setup.py"), str(tmp_path))
     names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
-    for module in ("beam_pipelines/tokenize.py", "beam_pipelines/fetch.py", "mmt/data/features.py",
+    for module in ("beam_pipelines/tokenize.py", "beam_pipelines/fetch.py", "mmt/data/schema.py",
                    "mmt/tokenizers/image.py", "mmt/tokenizers/text.py"):
         assert module in names, module

@@ -17,7 +17,7 @@ import pytest
 
 import beam_helpers as h
 from beam_pipelines import output, tokenize, verify
-from mmt.data import features
+from mmt.data import manifests
 
 TESTS = Path(__file__).parent
 
@@ -147,7 +147,7 @@ def test_interrupted_swap_is_hidden_from_readers_and_finished_by_the_next_run(ru
     with pytest.raises(verify.VerifyError, match="no COMPLETED"):
         verify.verify(str(out))
     with pytest.raises(FileNotFoundError):
-        features.read_manifest(out)
+        manifests.read_manifest(out)
 
     assert output.finish_interrupted_swap(str(out)) == str(staging)
     assert _snapshot(out) == _snapshot(runs / "new")

@@ -15,7 +15,7 @@ from PIL import Image
 
 import beam_helpers as h
 from beam_pipelines import decode, resources, tokenize, verify
-from mmt.data import features, pipeline
+from mmt.data import manifests, pipeline, schema
 from mmt.tokenizers.image import ImageTokenizer
 from mmt.tokenizers.text import TextTokenizer, train_sentencepiece
 
@@ -40,12 +40,12 @@ def run(tmp_path_factory):
 
 
 def _records(out):
-    manifest = features.read_manifest(out)
+    manifest = manifests.read_manifest(out)
     records = []
     for path in manifest.shard_paths("paired"):
         import tensorflow as tf
 
-        records += [features.decode_example(r) for r in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+        records += [schema.decode_example(r) for r in tf.data.TFRecordDataset(path).as_numpy_iterator()]
     return {r["key"]: r for r in records}
 
 
@@ -119,7 +119,7 @@ def test_convertible_images_written_with_the_right_colours(run):
 
 def test_training_reads_the_output(run):
     root, _, stats = run
-    manifest = features.read_manifest(root / "out")
+    manifest = manifests.read_manifest(root / "out")
     assert manifest.options["image_size"] == h.IMAGE_SIZE and manifest.options["source"] == "tsv"
     spec = pipeline.StreamSpec(str(root / "out"), "paired", batch_size=2,
                                fields=("key", "image_tokens", "text_ids", "image"))

@@ -17,7 +17,7 @@ from beam_pipelines import sources, transforms, writers
 from beam_pipelines.config import TokenizeConfig
 from beam_pipelines import items as items_module
 from beam_pipelines.items import Item
-from mmt.data import features
+from mmt.data import integrity, schema
 
 OPTIONS = PipelineOptions(["--direct_running_mode=in_memory"])
 
@@ -242,9 +242,9 @@ def test_caption_filter_and_its_counters():
 
 
 def test_shard_writer_is_order_independent_and_refuses_duplicate_keys(tmp_path):
-    records = [(f"k{i}", f"src{i}", features.encode_example(f"k{i}", caption=f"c {i}", text_ids=[i + 4]))
+    records = [(f"k{i}", f"src{i}", schema.encode_example(f"k{i}", caption=f"c {i}", text_ids=[i + 4]))
                for i in range(20)]
-    duplicate = ("k3", "another-source", features.encode_example("k3", caption="other", text_ids=[9]))
+    duplicate = ("k3", "another-source", schema.encode_example("k3", caption="other", text_ids=[9]))
     for name, order in (("forward", records + [duplicate]), ("reverse", [duplicate] + records[::-1])):
         with test_pipeline.TestPipeline(options=OPTIONS) as p:
             out = p | beam.Create(order) | writers.WriteShards(str(tmp_path / name), "text_only", 3)
@@ -252,9 +252,9 @@ def test_shard_writer_is_order_independent_and_refuses_duplicate_keys(tmp_path):
                         label="count")
             assert_that(out["dropped"] | beam.Map(lambda d: (d.key, d.source, d.reason)),
                         equal_to([("k3", "src3", "duplicate_key")]), label="dropped")
-    for shard in features.shard_names("text_only", 3):
+    for shard in schema.shard_names("text_only", 3):
         assert (tmp_path / "forward" / shard).read_bytes() == (tmp_path / "reverse" / shard).read_bytes()
     # The framing is TFRecord's: TensorFlow reads it back with checksums verified.
-    assert features.find_corrupt_shards([tmp_path / "forward" / s for s in features.shard_names("text_only", 3)]) == []
+    assert integrity.find_corrupt_shards([tmp_path / "forward" / s for s in schema.shard_names("text_only", 3)]) == []
     assert np.sum([len(list(__import__("tensorflow").data.TFRecordDataset(str(tmp_path / "forward" / s))))
-                   for s in features.shard_names("text_only", 3)]) == 20
+                   for s in schema.shard_names("text_only", 3)]) == 20

@@ -11,7 +11,7 @@ import pytest
 
 import beam_helpers as h
 from beam_pipelines import tokenize, verify
-from mmt.data import features, pipeline
+from mmt.data import manifests, pipeline, schema
 from mmt.tokenizers.text import TextTokenizer
 
 TESTS = Path(__file__).parent
@@ -20,8 +20,8 @@ TESTS = Path(__file__).parent
 def _records(out, split):
     import tensorflow as tf
 
-    manifest = features.read_manifest(out)
-    return [features.decode_example(r) for path in manifest.shard_paths(split)
+    manifest = manifests.read_manifest(out)
+    return [schema.decode_example(r) for path in manifest.shard_paths(split)
             for r in tf.data.TFRecordDataset(path).as_numpy_iterator()]
 
 
@@ -31,7 +31,7 @@ def test_text_only_stream(tmp_path):
     stats = tokenize.run(["--source=text", f"--input={tmp_path / 'captions.txt'}", f"--output_dir={tmp_path / 'out'}",
                           f"--text_vocab={tmp_path / 'spm.model'}", "--num_shards=2", *h.beam_args()])
     assert (stats["split"], stats["inputs"], stats["written"]) == ("text_only", 9, 9)
-    manifest = features.read_manifest(tmp_path / "out")
+    manifest = manifests.read_manifest(tmp_path / "out")
     assert manifest.image_tokenizer is None and manifest.text_vocab is not None
     vocab = TextTokenizer.from_file(tmp_path / "spm.model")
     for record in _records(tmp_path / "out", "text_only"):
@@ -60,7 +60,7 @@ def test_image_only_stream(tmp_path):
     letters = [json.loads(line) for p in (tmp_path / "out" / "dead_letter").glob("*.jsonl")
                for line in p.read_text().splitlines()]
     assert sorted(d["key"] for d in letters) == ["copy.png", "latin-1 caf\\xe9.png"]
-    manifest = features.read_manifest(tmp_path / "out")
+    manifest = manifests.read_manifest(tmp_path / "out")
     assert manifest.text_vocab is None and manifest.image_tokenizer.grid == (4, 4)
     records = _records(tmp_path / "out", "image_only")
     assert sorted(r["key"] for r in records) == ["0.png", "1.png", "2.png", "3.png", "4.png"]

@@ -71,7 +71,7 @@ def test_evaluate_captions_cli_from_predictions(tmp_path):
 
 def test_bad_paths_and_wrong_model_kind_name_them(tmp_path, capsys, monkeypatch):
     from mmt import errors, evaluate
-    from mmt.training import restore
+    from mmt import restore
 
     references = _coco(tmp_path)
     missing = tmp_path / "no_such_predictions.json"

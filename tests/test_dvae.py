@@ -18,7 +18,7 @@ from mmt.data.pipeline import StreamSpec
 from mmt.losses import estimators, likelihoods
 from mmt.optimizers import Constant
 from mmt.tokenizers.dvae import DVAE
-from mmt.tokenizers.dvae_task import DVAETask, cosine_anneal
+from mmt.tasks.dvae import DVAETask, cosine_anneal
 from mmt.tokenizers.image import ImageTokenizer
 from mmt.training.trainer import Trainer
 
@@ -421,14 +421,14 @@ _OWN_FILES = ("mmt/tokenizers/dvae.py", "mmt/tokenizers/dvae_task.py", "mmt/loss
 
 
 def test_dvae_modules_do_not_import_tensorflow_or_gin():
-    seen = assert_no_tensorflow(_OWN_FILES, ["mmt.tokenizers.dvae", "mmt.tokenizers.dvae_task"])
+    seen = assert_no_tensorflow(_OWN_FILES, ["mmt.tokenizers.dvae", "mmt.tasks.dvae"])
     assert "mmt.losses.likelihoods" in seen and "mmt.tokenizers.image" in seen
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX not installed")
 def test_dvae_runs_under_jax_without_tensorflow():
     code = (
-        "import sys, numpy as np; from mmt.tokenizers.dvae import DVAE; import mmt.tokenizers.dvae_task;"
+        "import sys, numpy as np; from mmt.tokenizers.dvae import DVAE; import mmt.tasks.dvae;"
         "t = DVAE(image_size=16, vocab_size=8, width=8, width_multipliers=(1, 2), blocks_per_group=1,"
         " decoder_input_width=8); t.build_for_images();"
         "assert t.decode(t.encode(np.zeros((1, 16, 16, 3), np.uint8))).shape == (1, 16, 16, 3);"

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mmt.data import features, pipeline
+from mmt.data import integrity, manifests, pipeline, schema
 
 GRID = (4, 4)
 
@@ -24,7 +24,7 @@ def paired_records(n: int, prefix: str = "r"):
     rng = np.random.default_rng(0)
     for i in range(n):
         key = f"{prefix}{i:04d}"
-        yield key, features.encode_example(
+        yield key, schema.encode_example(
             key,
             image_tokens=rng.integers(0, 16, GRID),
             caption=f"caption number {i}",
@@ -32,13 +32,13 @@ def paired_records(n: int, prefix: str = "r"):
         )
 
 
-def write_data(data_dir, n=64, num_shards=4) -> features.Manifest:
-    info = features.write_split(data_dir, "paired", paired_records(n), num_shards)
-    return features.write_manifest(
+def write_data(data_dir, n=64, num_shards=4) -> manifests.Manifest:
+    info = schema.write_split(data_dir, "paired", paired_records(n), num_shards)
+    return manifests.write_manifest(
         data_dir,
         splits={"paired": info},
-        image_tokenizer=features.ImageTokenizerInfo("sha256:image", GRID, 16),
-        text_vocab=features.TextVocabInfo("sha256:text", 32),
+        image_tokenizer=manifests.ImageTokenizerInfo("sha256:image", GRID, 16),
+        text_vocab=manifests.TextVocabInfo("sha256:text", 32),
         options={"source": "test"},
     )
 
@@ -49,10 +49,10 @@ def write_data(data_dir, n=64, num_shards=4) -> features.Manifest:
 def test_round_trip_all_fields():
     tokens = np.arange(12).reshape(3, 4)
     image = png(0)
-    serialized = features.encode_example(
+    serialized = schema.encode_example(
         "k1", image_tokens=tokens, image_encoded=image, caption="ein Bär ünd a cat", text_ids=[5, 6, 7]
     )
-    out = features.decode_example(serialized)
+    out = schema.decode_example(serialized)
     assert out["key"] == "k1"
     np.testing.assert_array_equal(out["image/tokens"], tokens)
     assert out["image/grid"] == (3, 4)
@@ -62,10 +62,10 @@ def test_round_trip_all_fields():
 
 
 def test_round_trip_image_only_and_text_only():
-    image_only = features.decode_example(features.encode_example(b"img", image_tokens=np.ones((2, 2), np.int32)))
+    image_only = schema.decode_example(schema.encode_example(b"img", image_tokens=np.ones((2, 2), np.int32)))
     assert set(image_only) == {"key", "image/tokens", "image/grid"}
     assert image_only["key"] == "img"
-    text_only = features.decode_example(features.encode_example("txt", caption=b"a red square", text_ids=np.array([9])))
+    text_only = schema.decode_example(schema.encode_example("txt", caption=b"a red square", text_ids=np.array([9])))
     assert set(text_only) == {"key", "text/caption", "text/ids"}
     assert text_only["text/caption"] == "a red square"
 
@@ -88,23 +88,23 @@ def test_round_trip_image_only_and_text_only():
 )
 def test_invalid_inputs_name_key_and_field(kwargs, field):
     with pytest.raises(ValueError) as error:
-        features.encode_example("the-key", **kwargs)
+        schema.encode_example("the-key", **kwargs)
     assert "the-key" in str(error.value) and field in str(error.value)
 
 
 def test_record_needs_a_key_and_a_modality():
     with pytest.raises(ValueError, match="key"):
-        features.encode_example("", caption="a cat")
+        schema.encode_example("", caption="a cat")
     with pytest.raises(ValueError, match="'lonely'.*at least one modality"):
-        features.encode_example("lonely")
+        schema.encode_example("lonely")
 
 
 # -- writing -----------------------------------------------------------------------------
 
 
 def test_sharding_by_key_hash_is_deterministic(tmp_path):
-    first = features.write_split(tmp_path / "a", "paired", paired_records(50), num_shards=3)
-    second = features.write_split(tmp_path / "b", "paired", paired_records(50), num_shards=3)
+    first = schema.write_split(tmp_path / "a", "paired", paired_records(50), num_shards=3)
+    second = schema.write_split(tmp_path / "b", "paired", paired_records(50), num_shards=3)
     assert first == second
     assert first.shards == tuple(f"paired-{i:05d}-of-00003.tfrecord" for i in range(3))
     assert first.num_records == sum(first.shard_records) == 50
@@ -115,13 +115,13 @@ def test_sharding_by_key_hash_is_deterministic(tmp_path):
     # Every record sits in the shard its key hashes to.
     for index, name in enumerate(first.shards):
         for record in tf.data.TFRecordDataset(str(tmp_path / "a" / name)):
-            assert features.shard_index(features.decode_example(record.numpy())["key"], 3) == index
+            assert schema.shard_index(schema.decode_example(record.numpy())["key"], 3) == index
 
 
 def test_write_split_refuses_duplicate_keys_and_leaves_no_files(tmp_path):
     records = list(paired_records(3)) + [next(paired_records(1))]
     with pytest.raises(ValueError, match="duplicate record key 'r0000'"):
-        features.write_split(tmp_path, "paired", records, num_shards=2)
+        schema.write_split(tmp_path, "paired", records, num_shards=2)
     assert os.listdir(tmp_path) == []
 
 
@@ -130,9 +130,9 @@ def test_write_split_refuses_duplicate_keys_and_leaves_no_files(tmp_path):
 
 def test_manifest_round_trip(tmp_path):
     written = write_data(tmp_path, n=20, num_shards=2)
-    read = features.read_manifest(tmp_path)
+    read = manifests.read_manifest(tmp_path)
     assert read == written
-    assert read.format_version == features.FORMAT_VERSION
+    assert read.format_version == manifests.FORMAT_VERSION
     assert read.image_tokenizer.grid == GRID and read.text_vocab.vocab_size == 32
     assert read.splits["paired"].num_records == 20
     assert read.shard_paths("paired") == [str(tmp_path / name) for name in read.splits["paired"].shards]
@@ -142,36 +142,36 @@ def test_manifest_round_trip(tmp_path):
 
 
 def test_manifest_without_tokenizers(tmp_path):
-    info = features.write_split(tmp_path, "text_only", [("t", features.encode_example("t", caption="hi"))], 1)
-    features.write_manifest(tmp_path, splits={"text_only": info})
-    manifest = features.read_manifest(tmp_path)
+    info = schema.write_split(tmp_path, "text_only", [("t", schema.encode_example("t", caption="hi"))], 1)
+    manifests.write_manifest(tmp_path, splits={"text_only": info})
+    manifest = manifests.read_manifest(tmp_path)
     assert manifest.image_tokenizer is None and manifest.text_vocab is None
 
 
 def test_missing_manifest_names_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        features.read_manifest(tmp_path / "nowhere")
+        manifests.read_manifest(tmp_path / "nowhere")
 
 
 def test_fingerprint_mismatch_names_directory_and_both_fingerprints(tmp_path):
     write_data(tmp_path, n=8, num_shards=1)
-    features.check_fingerprints(tmp_path, image_tokenizer="sha256:image", text_vocab="sha256:text")
-    with pytest.raises(features.FingerprintMismatchError) as error:
-        features.check_fingerprints(tmp_path, image_tokenizer="sha256:other-image")
+    manifests.check_fingerprints(tmp_path, image_tokenizer="sha256:image", text_vocab="sha256:text")
+    with pytest.raises(manifests.FingerprintMismatchError) as error:
+        manifests.check_fingerprints(tmp_path, image_tokenizer="sha256:other-image")
     message = str(error.value)
     assert str(tmp_path) in message and "image tokenizer" in message
     assert "sha256:image" in message and "sha256:other-image" in message
     with pytest.raises(ValueError) as error:  # FingerprintMismatchError is a ValueError
-        features.check_fingerprints(features.read_manifest(tmp_path), text_vocab="sha256:other-text")
+        manifests.check_fingerprints(manifests.read_manifest(tmp_path), text_vocab="sha256:other-text")
     assert "text vocabulary" in str(error.value) and "sha256:text" in str(error.value)
     assert "sha256:other-text" in str(error.value)
 
 
 def test_manifest_without_fingerprint_does_not_match_a_configured_one(tmp_path):
-    info = features.write_split(tmp_path, "t", [("t", features.encode_example("t", caption="hi"))], 1)
-    features.write_manifest(tmp_path, splits={"t": info})
-    with pytest.raises(features.FingerprintMismatchError, match="None.*'sha256:text'"):
-        features.check_fingerprints(tmp_path, text_vocab="sha256:text")
+    info = schema.write_split(tmp_path, "t", [("t", schema.encode_example("t", caption="hi"))], 1)
+    manifests.write_manifest(tmp_path, splits={"t": info})
+    with pytest.raises(manifests.FingerprintMismatchError, match="None.*'sha256:text'"):
+        manifests.check_fingerprints(tmp_path, text_vocab="sha256:text")
 
 
 # -- corrupt shards --------------------------------------------------------------------------
@@ -200,21 +200,21 @@ def data_dir(tmp_path):
 
 
 def test_find_corrupt_shards(data_dir):
-    paths = [data_dir / name for name in features.read_manifest(data_dir).splits["paired"].shards]
-    assert features.find_corrupt_shards(paths) == []
+    paths = [data_dir / name for name in manifests.read_manifest(data_dir).splits["paired"].shards]
+    assert integrity.find_corrupt_shards(paths) == []
     flip_middle(paths[1])
     ends = record_boundaries(paths[2])
     # Cut inside a record's data (TensorFlow raises DataLossError) ...
     paths[2].write_bytes(paths[2].read_bytes()[: ends[2] + 20])
     # ... and inside a record's header, which TensorFlow reads as a clean end of file.
     paths[3].write_bytes(paths[3].read_bytes()[: record_boundaries(paths[3])[1] + 5])
-    found = dict(features.find_corrupt_shards(paths))
+    found = dict(integrity.find_corrupt_shards(paths))
     assert sorted(found) == [str(p) for p in paths[1:]]
     assert "corrupted record" in found[str(paths[1])]
     assert "DataLossError" in found[str(paths[2])]
     assert "truncated" in found[str(paths[3])]
     missing = data_dir / "gone.tfrecord"
-    assert features.find_corrupt_shards([missing]) == [(str(missing), "file does not exist")]
+    assert integrity.find_corrupt_shards([missing]) == [(str(missing), "file does not exist")]
 
 
 def spec(data_dir):
@@ -229,21 +229,21 @@ def iterate(data_dir, steps=40, **kwargs):
 
 def test_pipeline_names_the_corrupt_shard(data_dir):
     iterate(data_dir)  # intact data reads fine
-    shard = data_dir / features.read_manifest(data_dir).splits["paired"].shards[2]
+    shard = data_dir / manifests.read_manifest(data_dir).splits["paired"].shards[2]
     flip_middle(shard)  # same size: only reading finds it
-    with pytest.raises(features.CorruptShardError) as error:
+    with pytest.raises(integrity.CorruptShardError) as error:
         iterate(data_dir)
     assert str(shard) in str(error.value) and "corrupted record" in str(error.value)
     assert isinstance(error.value.__cause__, tf.errors.DataLossError)
 
 
 def test_pipeline_names_a_truncated_shard(data_dir):
-    shard = data_dir / features.read_manifest(data_dir).splits["paired"].shards[0]
+    shard = data_dir / manifests.read_manifest(data_dir).splits["paired"].shards[0]
     shard.write_bytes(shard.read_bytes()[: record_boundaries(shard)[1] + 30])
     # The manifest's byte sizes catch it before reading ...
-    with pytest.raises(features.CorruptShardError, match=str(shard)):
+    with pytest.raises(integrity.CorruptShardError, match=str(shard)):
         iterate(data_dir)
     # ... and without that check, reading does.
-    with pytest.raises(features.CorruptShardError) as error:
+    with pytest.raises(integrity.CorruptShardError) as error:
         iterate(data_dir, check_shard_sizes=False)
     assert str(shard) in str(error.value)

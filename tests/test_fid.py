@@ -297,7 +297,7 @@ def test_evaluate_fid_cli_folders_and_reference_stats(tmp_path, state, monkeypat
     assert np.abs(mu1 - mu_ref).max() > 1e-4  # the other folder's own statistics
 
     # A T2I workdir: one image per caption, generated in batches with one seed each.
-    from mmt.training import restore
+    from mmt import restore
 
     calls = []
 
@@ -344,7 +344,7 @@ def test_fid_network_imports_no_tensorflow_and_runs_under_jax(tmp_path, model):
     import subprocess
     import sys
 
-    from import_checks import assert_no_tensorflow
+    from harness import assert_no_tensorflow
 
     assert_no_tensorflow(["mmt/evaluation/fid_inception.py", "mmt/evaluation/fid.py"],
                          ["mmt.evaluation.fid_inception", "mmt.evaluation.fid"])

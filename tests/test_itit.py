@@ -11,10 +11,10 @@ from keras import ops
 
 from mmt.models import itit_inference
 from mmt.models.itit import ITIT
-from mmt.models.itit_task import ITITTask
+from mmt.tasks.itit import ITITTask
 from mmt.optimizers import Adafactor, Constant
 from tolerances import assert_close_to_scale, reordered_sum_rtol
-from mmt.training.task import StepSeed
+from mmt.tasks.base import StepSeed
 from mmt.training.trainer import Trainer
 from t5_presets import t5_preset
 

@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mmt import exports
-from mmt.data import features, pipeline
-from mmt.models.itit_task import ITITTask, text_conventions
+from mmt.tasks import exports
+from mmt.data import manifests, pipeline, schema
+from mmt.tasks.itit import ITITTask, text_conventions
 from mmt.optimizers import Adafactor, Constant
 from mmt.tokenizers.text import TextTokenizer, train_sentencepiece
 from mmt.tokenizers.vqgan import VQGAN
@@ -47,13 +47,13 @@ def run_files(tmp_path_factory):
     images = np.random.default_rng(0).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
     codes = tokenizer.encode(images)
     ids = vocab.encode([CAPTIONS[i % len(CAPTIONS)] for i in range(24)], LENGTH)
-    records = ((f"r{i:02d}", features.encode_example(f"r{i:02d}", image_tokens=codes[i], text_ids=ids[i]))
+    records = ((f"r{i:02d}", schema.encode_example(f"r{i:02d}", image_tokens=codes[i], text_ids=ids[i]))
                for i in range(24))
     data = root / "data"
-    features.write_manifest(
-        data, splits={"paired": features.write_split(data, "paired", records, 2)},
-        image_tokenizer=features.ImageTokenizerInfo(tokenizer.fingerprint(), GRID, CODES),
-        text_vocab=features.TextVocabInfo(vocab.fingerprint(), vocab.vocab_size))
+    manifests.write_manifest(
+        data, splits={"paired": schema.write_split(data, "paired", records, 2)},
+        image_tokenizer=manifests.ImageTokenizerInfo(tokenizer.fingerprint(), GRID, CODES),
+        text_vocab=manifests.TextVocabInfo(vocab.fingerprint(), vocab.vocab_size))
     preset = root / "t5"
     t5_preset(preset, vocabulary_size=vocab.vocab_size)
     return {"root": root, "vocab": str(root / "vocab.model"), "tokenizer": str(root / "tokenizer"),
@@ -144,7 +144,7 @@ def test_export_trained_under_tensorflow_generates_under_jax(run_files, tmp_path
     trainer.run(str(workdir))
     export = workdir / "export"
     document = exports.read_document(export)
-    assert document["task"] == "mmt.models.itit_task.ITITTask" and document["step"] == 3
+    assert document["task"] == "mmt.tasks.itit.ITITTask" and document["step"] == 3
     assert (export / "assets" / "text_vocab" / "vocab.model").is_file()
     # The same logits from the export under TensorFlow ...
     task, _ = exports.load_task(export)
@@ -159,7 +159,7 @@ def test_export_trained_under_tensorflow_generates_under_jax(run_files, tmp_path
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
     script = (
         "import sys, numpy as np\n"
-        "from mmt import exports\n"
+        "from mmt.tasks import exports\n"
         f"task, _ = exports.load_task({str(export)!r})\n"
         f"inputs = np.load({str(tmp_path / 'inputs.npy')!r}, allow_pickle=True).item()\n"
         "image, text = task.model(inputs)\n"

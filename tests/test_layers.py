@@ -13,7 +13,7 @@ import pytest
 from keras import ops
 
 import mmt.layers as L
-from mmt import rng
+from mmt import backend
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 LAYERS_DIR = pathlib.Path(L.__file__).parent
@@ -222,7 +222,7 @@ def test_attention_dropout_only_in_training():
     x = randn(2, 4, 8)
     layer = L.MultiHeadAttention(num_heads=2, dropout=0.5)
     np.testing.assert_array_equal(np_(layer(x)), np_(layer(x, training=False)))
-    with rng.scope(rng.FixedSeed(np.array([1, 2]))):
+    with backend.scope(backend.FixedSeed(np.array([1, 2]))):
         assert not np.allclose(np_(layer(x, training=True)), np_(layer(x)))
 
 
@@ -286,7 +286,7 @@ def test_drop_path_and_dropout_only_in_training():
     x = randn(4, 5, 8)
     block = L.TransformerBlock(num_heads=2, mlp_dim=16, dropout=0.1, drop_path=0.5)
     np.testing.assert_array_equal(np_(block(x)), np_(block(x, training=False)))
-    with rng.scope(rng.FixedSeed(np.array([1, 2]))):
+    with backend.scope(backend.FixedSeed(np.array([1, 2]))):
         assert not np.allclose(np_(block(x, training=True)), np_(block(x)))
     stack = L.TransformerStack(depth=3, num_heads=2, mlp_dim=16, drop_path=0.2)
     assert [blk.drop_path for blk in stack.blocks] == pytest.approx([0.0, 0.1, 0.2])

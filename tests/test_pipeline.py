@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mmt.data import features, pipeline
+from mmt.data import manifests, pipeline, schema
 
 GRID = (2, 3)  # not square, so a swapped h / w shows
 IMAGE_VOCAB, TEXT_VOCAB = 16, 32
@@ -35,7 +35,7 @@ def write_split(data_dir, split, n, num_shards, image=True, text=True, grid=GRID
     def records():
         for i in range(n):
             key = f"{split}-{i:03d}"
-            yield key, features.encode_example(
+            yield key, schema.encode_example(
                 key,
                 image_tokens=rng.integers(0, IMAGE_VOCAB, grid) if image else None,
                 image_encoded=png(pixels(i)) if image else None,
@@ -43,15 +43,15 @@ def write_split(data_dir, split, n, num_shards, image=True, text=True, grid=GRID
                 text_ids=rng.integers(4, TEXT_VOCAB, rng.integers(1, 9)) if text else None,
             )
 
-    return features.write_split(data_dir, split, records(), num_shards)
+    return schema.write_split(data_dir, split, records(), num_shards)
 
 
 def write_manifest(data_dir, splits):
-    features.write_manifest(
+    manifests.write_manifest(
         data_dir,
         splits=splits,
-        image_tokenizer=features.ImageTokenizerInfo("sha256:image", GRID, IMAGE_VOCAB),
-        text_vocab=features.TextVocabInfo("sha256:text", TEXT_VOCAB),
+        image_tokenizer=manifests.ImageTokenizerInfo("sha256:image", GRID, IMAGE_VOCAB),
+        text_vocab=manifests.TextVocabInfo("sha256:text", TEXT_VOCAB),
         options={"image_size": 8},
     )
 
@@ -109,9 +109,9 @@ def test_mixture_structure_and_static_shapes(data_dir):
 
 def test_batches_hold_the_records(data_dir):
     truth = {}
-    for path in features.read_manifest(data_dir).shard_paths("paired"):
+    for path in manifests.read_manifest(data_dir).shard_paths("paired"):
         for record in tf.data.TFRecordDataset(path):
-            example = features.decode_example(record.numpy())
+            example = schema.decode_example(record.numpy())
             truth[example["key"]] = example
     batch = next(iter(mixture(data_dir)))["paired"]
     for i, key in enumerate(batch["key"].numpy()):
@@ -122,9 +122,9 @@ def test_batches_hold_the_records(data_dir):
 
 def test_text_termination_and_padding_by_hand(tmp_path):
     ids = {"a": [5, 6, 7], "b": [8], "c": [9, 10, 11, 12, 13, 14]}
-    records = [(k, features.encode_example(k, text_ids=v)) for k, v in ids.items()]
-    features.write_manifest(tmp_path, splits={"t": features.write_split(tmp_path, "t", records, 1)},
-                            text_vocab=features.TextVocabInfo("v", TEXT_VOCAB))
+    records = [(k, schema.encode_example(k, text_ids=v)) for k, v in ids.items()]
+    manifests.write_manifest(tmp_path, splits={"t": schema.write_split(tmp_path, "t", records, 1)},
+                            text_vocab=manifests.TextVocabInfo("v", TEXT_VOCAB))
     spec = pipeline.StreamSpec(str(tmp_path), "t", 3, fields=("key", "text_ids"), text_length=4)
     dataset = pipeline.stream_dataset(spec, seed=0, eos_id=EOS, pad_id=PAD, repeat=False, shuffle=False)
     (batch,) = list(dataset)
@@ -182,15 +182,15 @@ def test_input_pipelines_read_disjoint_records(data_dir, split):
         assert dataset.element_spec["key"].shape == [1]  # per-replica batch
         keys.append({k for batch in dataset for k in batch["key"].numpy()})
     assert not keys[0] & keys[1]
-    assert len(keys[0] | keys[1]) == features.read_manifest(data_dir).splits[split].num_records
+    assert len(keys[0] | keys[1]) == manifests.read_manifest(data_dir).splits[split].num_records
 
 
 def test_wrong_token_count_names_the_record(tmp_path):
     good = write_split(tmp_path, "paired", 7, 1)
-    bad = ("bad-record", features.encode_example("bad-record", image_tokens=np.zeros((2, 2), np.int64)))
-    records = [(features.decode_example(r.numpy())["key"], r.numpy()) for r in
+    bad = ("bad-record", schema.encode_example("bad-record", image_tokens=np.zeros((2, 2), np.int64)))
+    records = [(schema.decode_example(r.numpy())["key"], r.numpy()) for r in
                tf.data.TFRecordDataset(str(tmp_path / good.shards[0]))] + [bad]
-    write_manifest(tmp_path, {"mixed": features.write_split(tmp_path, "mixed", records, 1)})
+    write_manifest(tmp_path, {"mixed": schema.write_split(tmp_path, "mixed", records, 1)})
     spec = pipeline.StreamSpec(str(tmp_path), "mixed", 8, fields=("image_tokens",))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)2x3=6 tokens.*bad-record"):
         list(pipeline.stream_dataset(spec, seed=0, eos_id=EOS, pad_id=PAD, repeat=False))
@@ -204,7 +204,7 @@ def test_image_only_records_in_a_text_stream_are_named(data_dir):
 
 def test_fingerprints_are_checked_for_the_ids_a_stream_reads(data_dir):
     specs = mixture_specs(data_dir)
-    with pytest.raises(features.FingerprintMismatchError, match="sha256:image.*sha256:new"):
+    with pytest.raises(manifests.FingerprintMismatchError, match="sha256:image.*sha256:new"):
         pipeline.stream_dataset(specs["image_only"], seed=0, eos_id=EOS, pad_id=PAD,
                                 expected_image_tokenizer="sha256:new")
     # The text-only stream reads no image tokens, so another image tokenizer is fine.

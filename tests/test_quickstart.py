@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mmt.data import features, shapes
+from mmt.data import manifests, schema, shapes
 from mmt.tokenizers.text import TextTokenizer
 
 
@@ -76,8 +76,8 @@ def test_quickstart_data_stages(tmp_path):
 
     vocab = TextTokenizer.from_file(summary["vocabulary"])
     data_dir = workdir / "data"
-    manifest = features.read_manifest(data_dir)
-    features.check_fingerprints(data_dir, text_vocab=vocab.fingerprint())
+    manifest = manifests.read_manifest(data_dir)
+    manifests.check_fingerprints(data_dir, text_vocab=vocab.fingerprint())
 
     # Paired records carry a PNG that decodes to the generated image, and ids of the caption.
     config = shapes.ShapesConfig(resolution=32)
@@ -85,7 +85,7 @@ def test_quickstart_data_stages(tmp_path):
     files = sorted(str(data_dir / f) for f in manifest.splits["paired"].shards)
     seen = 0
     for record in tf.data.TFRecordDataset(files):
-        example = features.decode_example(record.numpy())
+        example = schema.decode_example(record.numpy())
         expected = truth[example["key"]]
         image = np.asarray(Image.open(__import__("io").BytesIO(example["image/encoded"])))
         np.testing.assert_array_equal(image, expected.image)

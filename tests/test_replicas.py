@@ -15,9 +15,10 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from mmt import distribute, rng
+from mmt import backend as rng
+from mmt.training import distribute
 from mmt.optimizers import Adafactor, Constant
-from mmt.training.task import Ratio
+from mmt.tasks.base import Ratio
 from mmt.training.trainer import Trainer
 from tiny_task import TinyTask
 from tolerances import assert_close_to_scale, reordered_sum_rtol

@@ -5,16 +5,16 @@ import types
 
 import pytest
 
-from mmt.data import features
+from mmt.data import manifests
 from mmt.training import data_check
 from mmt.training.summaries import truncate_jsonl
 
 
 def _manifest(tmp_path, grid=(8, 8), image_vocab=256, text_vocab=74):
-    return features.Manifest(
+    return manifests.Manifest(
         data_dir=str(tmp_path), splits={}, options={}, created="",
-        image_tokenizer=features.ImageTokenizerInfo("sha256:tok", grid, image_vocab),
-        text_vocab=features.TextVocabInfo("sha256:vocab", text_vocab))
+        image_tokenizer=manifests.ImageTokenizerInfo("sha256:tok", grid, image_vocab),
+        text_vocab=manifests.TextVocabInfo("sha256:vocab", text_vocab))
 
 
 def test_every_disagreement_is_reported_with_both_values(tmp_path):

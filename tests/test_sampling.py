@@ -20,8 +20,8 @@ from mmt import layers
 from mmt.sampling import autoregressive as ar
 from mmt.sampling import mask_schedule as ms
 from mmt.sampling import parallel_decode as pd
-from mmt import rng as seeds
-from mmt.training.task import StepSeed
+from mmt import backend as seeds
+from mmt.tasks.base import StepSeed
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 SAMPLING_DIR = pathlib.Path(__file__).resolve().parents[1] / "mmt" / "sampling"
@@ -411,7 +411,7 @@ def _module_level(tree):
 
 def test_sampling_imports_no_tensorflow():
     # Importing mmt.sampling must not import TensorFlow (JAX hosts have none); a function
-    # may use it lazily when Keras runs on the TensorFlow backend (mmt.rng).
+    # may use it lazily when Keras runs on the TensorFlow backend (mmt.backend).
     for path in SAMPLING_DIR.glob("*.py"):
         for node in _module_level(ast.parse(path.read_text())):
             names = []

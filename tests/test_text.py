@@ -8,6 +8,7 @@ import pytest
 import sentencepiece as spm
 import tensorflow as tf
 
+from mmt.data import text_ids
 from mmt.tokenizers import text
 
 CAPTIONS = [
@@ -45,9 +46,9 @@ def test_fingerprint_is_hash_of_model_bytes(tokenizer):
 def test_terminate_and_pad_by_hand():
     ids = [[5, 6, 7], [8], []]
     expected = np.array([[5, 6, 1], [8, 1, 0], [1, 0, 0]], np.int32)
-    np.testing.assert_array_equal(text.terminate_and_pad_numpy(ids, 3, eos_id=1, pad_id=0), expected)
+    np.testing.assert_array_equal(text_ids.terminate_and_pad_numpy(ids, 3, eos_id=1, pad_id=0), expected)
     ragged = tf.ragged.constant(ids, dtype=tf.int64)
-    out = text.terminate_and_pad(ragged, 3, eos_id=1, pad_id=0)
+    out = text_ids.terminate_and_pad(ragged, 3, eos_id=1, pad_id=0)
     assert out.dtype == tf.int32 and out.shape[1] == 3
     np.testing.assert_array_equal(out.numpy(), expected)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mmt import distribute
+from mmt.training import distribute
 from mmt.data.pipeline import StreamSpec
 from mmt.optimizers import Adafactor, Constant
 from mmt.training.checkpoint import CheckpointManager, model_variables

@@ -19,9 +19,9 @@ from scipy import stats
 
 from mmt.models import upgen_inference
 from mmt.models.upgen import IMAGE, IMAGE_ONLY, PAIRED, TEXT, TEXT_ONLY, UPGen
-from mmt.models.upgen_task import UPGenTask
+from mmt.tasks.upgen import UPGenTask
 from mmt.sampling.mask_schedule import masked_counts
-from mmt.training.task import StepSeed
+from mmt.tasks.base import StepSeed
 from mmt.training.trainer import Trainer
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
@@ -69,8 +69,8 @@ def _recording_masks(task):
 def test_model_modules_import_neither_tensorflow_nor_gin():
     import ast
 
-    for name in ("upgen.py", "upgen_inference.py", "upgen_task.py"):
-        tree = ast.parse((REPO / "mmt" / "models" / name).read_text())
+    for name in ("models/upgen.py", "models/upgen_inference.py", "tasks/upgen.py"):
+        tree = ast.parse((REPO / "mmt" / name).read_text())
         for node in ast.walk(tree):  # anywhere, function bodies included
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
@@ -293,8 +293,8 @@ def test_loss_gradient_and_generation_xla_equal_eager():
     assert float(xla_loss) == pytest.approx(float(eager_loss), rel=rtol)
     assert_close_to_scale([tf.convert_to_tensor(g).numpy() for g in xla_grads],
                           [tf.convert_to_tensor(g).numpy() for g in eager_grads], rtol, "gradients")
-    # Generation draws integers only (mmt.rng): the same samples either way.
-    from mmt.rng import FixedSeed
+    # Generation draws integers only (mmt.backend): the same samples either way.
+    from mmt.backend import FixedSeed
 
     text = tf.constant(batch["paired"]["text_ids"])
     run = lambda t: upgen_inference.text_to_image(m, t, FixedSeed(tf.constant([5, 0])), num_steps=4)  # noqa: E731
@@ -320,7 +320,7 @@ def test_tiny_gin_config_loss_decreases_in_a_few_steps():
     task = trainer.task
 
     def fixed_mask_loss():  # the weighted total under one fixed draw of masks: no step noise
-        from mmt.training.task import StepSeed
+        from mmt.tasks.base import StepSeed
 
         losses = task.compute_losses(batch, tf.constant(0, tf.int64), StepSeed([7, 11]))
         return sum(float(task.loss_weights.get(name, 1.0)) * float(v.numerator / v.denominator)
@@ -375,7 +375,7 @@ def test_paper_configs_bind_appendix_a(size):
 @pytest.mark.slow
 def test_train_generate_and_linear_probe_from_the_command_line(tiny_data, tmp_path):
     from mmt.data import shapes
-    from mmt.data.shapes_records import write_shapes_records
+    from mmt.data.shapes.records import write_shapes_records
     from mmt.tokenizers.text import TextTokenizer
     from mmt.tokenizers.vqgan import VQGAN
 

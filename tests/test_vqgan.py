@@ -14,10 +14,10 @@ from mmt.layers.quantizers import VectorQuantizer
 from mmt.losses.perceptual import PerceptualLoss
 from mmt.tokenizers.image import ConfigMismatchError, ImageTokenizer
 from mmt.tokenizers.vqgan import VQGAN
-from mmt.tokenizers.vqgan_task import VQGANTask
+from mmt.tasks.vqgan import VQGANTask
 from mmt.training.trainer import Trainer
 
-from import_checks import assert_no_tensorflow
+from harness import assert_no_tensorflow
 
 RNG = np.random.default_rng(0)
 

@@ -10,9 +10,9 @@ import gin
 import keras
 from keras import ops
 
-from mmt import rng
+from mmt import backend
 from mmt.layers import Dropout
-from mmt.training.task import OptimizerGroup, Ratio, Task, task_arguments
+from mmt.tasks.base import OptimizerGroup, Ratio, Task, task_arguments
 
 MASK_ID = 2  # UNK doubles as the mask token in this toy
 # No attention biases: the key bias has an exactly-zero gradient (softmax is shift
@@ -44,7 +44,7 @@ class TinyTask(Task):
         self.model(ops.zeros((1, self.text_length), "int32"))
 
     def data_expectations(self):
-        from mmt.training.data_check import DataExpectations
+        from mmt.tasks.base import DataExpectations
 
         return DataExpectations(text_vocab_size=self.vocab_size, text_length=self.text_length,
                                 special_text_ids={"mask_id": MASK_ID},
@@ -61,7 +61,7 @@ class TinyTask(Task):
         ids = batch["text"]["text_ids"]
         real = ops.cast(ops.not_equal(ids, 0), "float32")
         if self.random_mask:
-            draw = rng.uniform(ops.shape(ids), seed)
+            draw = backend.uniform(ops.shape(ids), seed)
         else:  # every third position: the same whatever the replica count
             draw = ops.cast(ops.arange(self.text_length) % 3 == 0, "float32")[None] * 0 + ops.cast(
                 ops.arange(self.text_length) % 3 != 0, "float32")[None] + ops.zeros(ops.shape(ids))

@@ -33,16 +33,15 @@ resumed run must set the same global seed as the original.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import tensorflow as tf
 
-from mmt.data import features
-from mmt.tokenizers.text import terminate_and_pad
+from mmt.data import integrity, manifests, schema
+from mmt.data.text_ids import terminate_and_pad
 
 # The fields a stream can produce, and what each holds.
 FIELDS = (
@@ -62,7 +61,7 @@ class StreamSpec:
     """One input stream: which split of which data directory, how batched, what fields.
 
     Attributes:
-      data_dir: a data directory written by `mmt.data.features` (has manifest.json).
+      data_dir: a data directory written in `mmt.data.schema` (has manifest.json).
       split: the split to read, e.g. `paired`.
       batch_size: the GLOBAL batch size; each replica gets `batch_size / replicas`.
       fields: which of `FIELDS` the batches carry.
@@ -143,7 +142,7 @@ def _decode_images(encoded: tf.Tensor, resolution: int) -> tf.Tensor:
 
 def _make_parser(
     spec: StreamSpec,
-    manifest: features.Manifest,
+    manifest: manifests.Manifest,
     batch_size: int,
     eos_id: int,
     pad_id: int,
@@ -151,22 +150,22 @@ def _make_parser(
     """Returns a function: string [B] serialized records -> dict of static-shape tensors."""
     where = f"stream {spec.name!r} ({spec.data_dir}, split {spec.split!r})"
     wanted = set(spec.fields)
-    parse_spec = {features.KEY: tf.io.FixedLenFeature([], tf.string)}
+    parse_spec = {schema.KEY: tf.io.FixedLenFeature([], tf.string)}
     grid = resolution = None
     if "image_tokens" in wanted:
         if manifest.image_tokenizer is None:
             raise ValueError(f"{where} asks for image_tokens, but the manifest records no image tokenizer")
         grid = tuple(int(d) for d in manifest.image_tokenizer.grid)
         image_vocab = manifest.image_tokenizer.vocab_size
-        parse_spec[features.IMAGE_TOKENS] = tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
+        parse_spec[schema.IMAGE_TOKENS] = tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
     if "text_ids" in wanted:
         text_vocab = None if manifest.text_vocab is None else manifest.text_vocab.vocab_size
         if text_vocab is not None and not (0 <= eos_id < text_vocab and 0 <= pad_id < text_vocab):
             raise ValueError(f"{where}: eos_id {eos_id} / pad_id {pad_id} outside the vocabulary of {text_vocab}")
         # int64 row splits, like every other ragged tensor terminate_and_pad sees.
-        parse_spec[features.TEXT_IDS] = tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
+        parse_spec[schema.TEXT_IDS] = tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
     if "caption" in wanted:
-        parse_spec[features.TEXT_CAPTION] = tf.io.FixedLenFeature([], tf.string)
+        parse_spec[schema.TEXT_CAPTION] = tf.io.FixedLenFeature([], tf.string)
     if "image" in wanted:
         resolution = spec.image_resolution or manifest.options.get("image_size")
         if not resolution:
@@ -175,20 +174,20 @@ def _make_parser(
                 "manifest's options['image_size'] gives a resolution"
             )
         resolution = int(resolution)
-        parse_spec[features.IMAGE_ENCODED] = tf.io.FixedLenFeature([], tf.string)
+        parse_spec[schema.IMAGE_ENCODED] = tf.io.FixedLenFeature([], tf.string)
     length = spec.text_length
 
     # Python control flow only (on static facts): nothing for autograph to convert.
     @tf.autograph.experimental.do_not_convert
     def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         parsed = tf.io.parse_example(serialized, parse_spec)
-        keys = parsed[features.KEY]  # string [B]
+        keys = parsed[schema.KEY]  # string [B]
         out = {}
         if "key" in wanted:
             out["key"] = keys
         if grid is not None:
             h, w = grid
-            tokens = parsed[features.IMAGE_TOKENS]  # int64 ragged [B, None]
+            tokens = parsed[schema.IMAGE_TOKENS]  # int64 ragged [B, None]
             count_ok = _require(
                 tokens.row_lengths() == h * w, keys,
                 f"{where}: image/tokens must hold {h}x{w}={h * w} tokens (the manifest's grid)",
@@ -202,7 +201,7 @@ def _make_parser(
             with tf.control_dependencies([range_ok]):
                 out["image_tokens"] = tf.reshape(tf.cast(dense, tf.int32), [batch_size, h, w])  # (B, h, w)
         if "text_ids" in wanted:
-            ids = parsed[features.TEXT_IDS]  # int64 ragged [B, None]
+            ids = parsed[schema.TEXT_IDS]  # int64 ragged [B, None]
             checks = [_require(
                 ids.row_lengths() > 0, keys,
                 f"{where}: records without text/ids (image-only records in a text stream?)",
@@ -217,9 +216,9 @@ def _make_parser(
                 padded = terminate_and_pad(ids, length, eos_id, pad_id)  # int32 (B, L)
             out["text_ids"] = tf.ensure_shape(padded, [batch_size, length])
         if "caption" in wanted:
-            out["caption"] = parsed[features.TEXT_CAPTION]
+            out["caption"] = parsed[schema.TEXT_CAPTION]
         if resolution is not None:
-            out["image"] = _decode_images(parsed[features.IMAGE_ENCODED], resolution)
+            out["image"] = _decode_images(parsed[schema.IMAGE_ENCODED], resolution)
         return out
 
     return parse
@@ -230,7 +229,7 @@ def _make_parser(
 
 def stream_files(spec: StreamSpec) -> list[str]:
     """The shard paths a stream reads (all input pipelines together)."""
-    return features.read_manifest(spec.data_dir).shard_paths(spec.split)
+    return manifests.read_manifest(spec.data_dir).shard_paths(spec.split)
 
 
 def stream_dataset(
@@ -273,10 +272,10 @@ def stream_dataset(
         outside the vocabulary) fails with InvalidArgumentError naming its key.
     """
     name = spec.name or spec.split
-    manifest = features.read_manifest(spec.data_dir)
+    manifest = manifests.read_manifest(spec.data_dir)
     # Only the ids a stream reads must come from the run's tokenizers: a text-only
     # stream does not care which image tokenizer made the directory's other splits.
-    features.check_fingerprints(
+    manifests.check_fingerprints(
         manifest,
         image_tokenizer=expected_image_tokenizer if "image_tokens" in spec.fields else None,
         text_vocab=expected_text_vocab if "text_ids" in spec.fields else None,
@@ -284,9 +283,9 @@ def stream_dataset(
     info = manifest.split(spec.split)
     paths = manifest.shard_paths(spec.split)
     if check_shard_sizes and info.shard_bytes:
-        problems = features.find_corrupt_shards_by_size(paths, info.shard_bytes)
+        problems = integrity.find_corrupt_shards_by_size(paths, info.shard_bytes)
         if problems:
-            raise features.CorruptShardError(problems, context=f"stream {name!r}")
+            raise integrity.CorruptShardError(problems, context=f"stream {name!r}")
 
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
@@ -427,33 +426,6 @@ def _has_strings(specs: Mapping[str, StreamSpec]) -> bool:
 # -- iteration -------------------------------------------------------------------------
 
 
-def corrupt_shard_error(files: Sequence[str], error: tf.errors.DataLossError) -> features.CorruptShardError:
-    """The `CorruptShardError` for a `DataLossError` met while reading `files`.
-
-    TensorFlow's message ("corrupted record at 12") does not say which file; this
-    re-reads `files` (concurrently) to find out.
-    """
-    summary = features.error_summary(error)
-    _log.warning("%s while reading; checking %d shards to find the corrupt one", summary, len(files))
-    problems = features.find_corrupt_shards(files)
-    if not problems:
-        problems = [(", ".join(files) or "<no files given>", f"not located by re-reading ({summary})")]
-    return features.CorruptShardError(problems, context=f"reading failed with {summary!r}")
-
-
-@contextlib.contextmanager
-def translate_data_loss(files: Sequence[str]) -> Iterator[None]:
-    """Turns a `DataLossError` raised inside the block into a `CorruptShardError`.
-
-    For a training step that pulls its batch inside a `tf.function`; `InputIterator`
-    does the same for `next()`.
-    """
-    try:
-        yield
-    except tf.errors.DataLossError as e:
-        raise corrupt_shard_error(files, e) from e
-
-
 def _local_replicas(strategy: tf.distribute.Strategy) -> list[int]:
     """Ids (in sync group) of the replicas this process feeds, in local order."""
     ids = []
@@ -566,7 +538,7 @@ class InputIterator:
         try:
             batch = next(self._iterator)
         except tf.errors.DataLossError as e:
-            raise corrupt_shard_error(self._files, e) from e
+            raise integrity.corrupt_shard_error(self._files, e) from e
         if self._strategy is None:
             return batch
         return self._strategy.experimental_distribute_values_from_function(

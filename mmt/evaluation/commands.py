@@ -61,7 +61,7 @@ def add_parsers(commands) -> None:
 
 
 def _load_task(workdir: str, hook: str):
-    from mmt.training.restore import load_task
+    from mmt.restore import load_task
 
     if not Path(workdir, "operative_config.gin").is_file() and "://" not in workdir:
         raise UserError(f"{workdir} is not a training workdir (no operative_config.gin)")

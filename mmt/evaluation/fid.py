@@ -128,7 +128,7 @@ class FIDExtractor:
         from keras import ops
 
         from mmt.evaluation import fid_inception
-        from mmt.tokenizers.image import compile_function
+        from mmt.backend import compile_function
 
         self.model = model
         self.resolution = int(resolution)

@@ -1,6 +1,6 @@
 """Transformer building blocks shared by every mmt model.
 
-`keras.ops` / `keras.layers` / `mmt.rng` only: importing this package imports
+`keras.ops` / `keras.layers` / `mmt.backend` only: importing this package imports
 neither TensorFlow nor gin, so models built from it run under any Keras backend
 (`KERAS_BACKEND=jax` included).
 """

@@ -36,7 +36,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from mmt import rng
+from mmt import backend
 
 _STATE = dict(trainable=False, aggregation="only_first_replica")
 RESTART_SAMPLING = ("error", "uniform")
@@ -271,9 +271,9 @@ class VectorQuantizer(keras.layers.Layer):
         # `take` of this batch's inputs, written at the ring position.
         if self.restart_sampling == "error":
             logits = ops.log(ops.maximum(ops.cast(nearest, "float32"), 1e-12))  # [N]
-            index = rng.categorical(ops.broadcast_to(logits[None, :], (take, n)), seed)  # [take], with replacement
+            index = backend.categorical(ops.broadcast_to(logits[None, :], (take, n)), seed)  # [take], with replacement
         else:
-            index = rng.randint((take,), 0, n, seed)
+            index = backend.randint((take,), 0, n, seed)
         rows = ops.take(flat, ops.cast(index, "int32"), axis=0)  # [take, D]
         slots = (self.buffer_position + ops.arange(take, dtype="int32")) % self.buffer_size
         buffer = ops.scatter_update(self.buffer, ops.expand_dims(slots, -1), rows)
@@ -283,7 +283,7 @@ class VectorQuantizer(keras.layers.Layer):
         self.buffer_filled.assign(filled)
 
         dead = usage * self.codebook_size < self.restart_threshold  # [K]
-        pick = ops.cast(rng.uniform((self.codebook_size,), seed) * ops.cast(filled, "float32"), "int32")
+        pick = ops.cast(backend.uniform((self.codebook_size,), seed) * ops.cast(filled, "float32"), "int32")
         replacement = ops.take(buffer, ops.minimum(pick, filled - 1), axis=0)  # [K, D]
         codebook = ops.cast(self.codebook, "float32")
         offset = ops.where(dead[:, None], replacement - codebook, ops.cast(self.codebook_offset, "float32"))

@@ -1,6 +1,6 @@
 """Losses, likelihoods and gradient estimators (`keras.ops` only; no TensorFlow, no gin)."""
 
-from mmt.losses.estimators import gumbel_noise, gumbel_softmax, straight_through_argmax, straight_through_softmax
+from mmt.losses.estimators import gumbel_softmax, straight_through_argmax, straight_through_softmax
 from mmt.losses.likelihoods import (
     LOGIT_LAPLACE_EPSILON,
     kl_to_uniform,
@@ -12,7 +12,6 @@ from mmt.losses.likelihoods import (
 
 __all__ = [
     "LOGIT_LAPLACE_EPSILON",
-    "gumbel_noise",
     "gumbel_softmax",
     "kl_to_uniform",
     "logit_laplace_nll",

@@ -16,7 +16,7 @@ def masked_cross_entropy(logits, targets, weights, label_smoothing: float = 0.0)
       label_smoothing: the target is `(1 - s) * one_hot + s / V` (ITIT I2T: 0.1).
 
     Returns:
-      (numerator, denominator) float32 scalars -- an `mmt.training.task.Ratio`, so the
+      (numerator, denominator) float32 scalars -- an `mmt.tasks.base.Ratio`, so the
       mean is taken over the global batch.
     """
     logits = ops.cast(logits, "float32")

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 from keras import ops
 
-from mmt import rng
-
-# Uniform draws are kept in [_TINY, 1) so that -log(-log(u)) stays finite.
-_TINY = 1e-20
+from mmt import backend
 
 
 def _straight_through(hard, soft):
@@ -29,12 +26,6 @@ def _straight_through(hard, soft):
 def _one_hot_argmax(x):
     """float [..., K] -> one-hot float [..., K] of the argmax (first maximum on ties)."""
     return ops.one_hot(ops.argmax(x, axis=-1), ops.shape(x)[-1], dtype=x.dtype)
-
-
-def gumbel_noise(shape, seed, dtype="float32"):
-    """Standard Gumbel samples `-log(-log(u))`, `u ~ U[tiny, 1)`: float [*shape]."""
-    u = rng.uniform(shape, seed, minval=_TINY, maxval=1.0)
-    return ops.cast(-ops.log(-ops.log(u)), dtype)
 
 
 def gumbel_softmax(logits, temperature, seed, hard: bool = False):
@@ -56,7 +47,7 @@ def gumbel_softmax(logits, temperature, seed, hard: bool = False):
       float [..., K] (the dtype of `logits`): rows sum to 1.
     """
     logits = ops.convert_to_tensor(logits)
-    noise = gumbel_noise(ops.shape(logits), seed, "float32")
+    noise = backend.gumbel(ops.shape(logits), seed)  # the one Gumbel of mmt, finite by construction
     temperature = ops.cast(temperature, "float32")
     soft = ops.softmax((ops.cast(logits, "float32") + noise) / temperature, axis=-1)
     soft = ops.cast(soft, logits.dtype)
@@ -97,4 +88,4 @@ def straight_through_argmax(logits):
     return _straight_through(_one_hot_argmax(logits), logits)
 
 
-__all__ = ["gumbel_noise", "gumbel_softmax", "straight_through_argmax", "straight_through_softmax"]
+__all__ = ["gumbel_softmax", "straight_through_argmax", "straight_through_softmax"]

@@ -35,7 +35,7 @@ from mmt.layers import (
 )
 from mmt.models.text_encoders import T5TextEncoder, TrainableTextEncoder
 from mmt.models.variants import ITITSize, itit_size
-from mmt import rng
+from mmt import backend
 
 
 @keras.saving.register_keras_serializable(package="mmt")
@@ -146,7 +146,7 @@ class ITIT(keras.Model):
             positions = ops.cast(ops.arange(self.num_image_tokens), "float32")
             noise = ops.broadcast_to((positions * 0.6180339887) % 1.0, ops.shape(mask))
         else:
-            noise = rng.uniform(ops.shape(mask), seed)
+            noise = backend.uniform(ops.shape(mask), seed)
         key = noise + ops.where(mask, 0.0, -2.0)
         return ops.cast(ops.argsort(key, axis=-1), "int32")
 

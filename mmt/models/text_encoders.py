@@ -154,7 +154,7 @@ class T5TextEncoder(keras.layers.Layer):
 
     @property
     def source(self) -> str:
-        """Where the frozen weights come from (see `mmt.training.task.Task.frozen_parts`)."""
+        """Where the frozen weights come from (see `mmt.tasks.base.Task.frozen_parts`)."""
         return self.preset
 
     def parameter_count(self) -> int:

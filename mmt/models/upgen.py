@@ -25,7 +25,7 @@ at all (image-token CE with the image fully masked: 2.575 with the right caption
 with none; README, "UPGen"). A full bidirectional `TransformerStack` (no attention
 mask) and a linear projection give logits over the whole union vocabulary.
 
-The masked-token objective (`upgen_task.py`) and the MaskGIT decoding in both directions
+The masked-token objective (`mmt/tasks/upgen.py`) and the MaskGIT decoding in both directions
 (`upgen_inference.py`) are built from the pieces here.
 """
 

@@ -29,7 +29,7 @@ class ScheduleError(UserError, ValueError):
 
 def _binding(name: str) -> str:
     """The gin binding (and the macro behind it) that set a schedule argument, if any."""
-    from mmt.config import describe_binding  # gin only; nothing bound means `name` itself
+    from mmt.errors import describe_binding  # nothing bound means `name` itself
 
     return describe_binding(name)
 

@@ -31,7 +31,7 @@ from typing import Callable
 import keras
 from keras import ops
 
-from mmt import rng
+from mmt import backend
 
 _NEG = -1e9  # score of an impossible hypothesis: finite, so sums never give NaN
 
@@ -81,13 +81,13 @@ def sample_decode(
         return greedy_decode(logits_fn, start_tokens, max_length, eos_id, pad_id, cache=cache)
     if seed is None:
         raise ValueError("sample_decode needs a seed when temperature != 0.")
-    table = rng.step_seeds(seed, max_length)  # [T, 2], row = index
+    table = backend.step_seeds(seed, max_length)  # [T, 2], row = index
 
     def choose(logits, index):
         if top_k is not None:
             kth = ops.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
             logits = ops.where(logits < kth, _NEG, logits)
-        return rng.categorical(logits, rng.seed_at(table, index), temperature)
+        return backend.categorical(logits, backend.seed_at(table, index), temperature)
 
     return _decode(logits_fn, start_tokens, max_length, eos_id, pad_id, cache, choose)
 

@@ -14,7 +14,7 @@ import math
 
 from keras import ops
 
-from mmt import rng
+from mmt import backend
 
 _METHODS = ("cosine", "linear", "square", "sqrt", "log", "exp", "pow<k>")
 _MIN_RATIO = 1e-6  # MaskGIT clamps the mask ratio to [1e-6, 1]
@@ -130,7 +130,7 @@ def truncated_gaussian_mask_ratio(
         raise ValueError(f"need std > 0 and low < high, got std={std}, [{low}, {high}].")
     cdf_low = _normal_cdf((low - mode) / std)
     cdf_high = _normal_cdf((high - mode) / std)
-    u = rng.uniform(shape, seed, minval=cdf_low, maxval=cdf_high)
+    u = backend.uniform(shape, seed, minval=cdf_low, maxval=cdf_high)
     x = mode + std * math.sqrt(2.0) * ops.erfinv(2.0 * u - 1.0)
     return ops.clip(x, low, high)
 
@@ -140,7 +140,7 @@ def uniform_mask_ratio(shape, seed, low: float = 0.0, high: float = 1.0):
 
     For MaskGIT-style training pass the result through `schedule`.
     """
-    return rng.uniform(shape, seed, minval=low, maxval=high)
+    return backend.uniform(shape, seed, minval=low, maxval=high)
 
 
 def random_mask(shape, ratio, seed, candidates=None):
@@ -161,7 +161,7 @@ def random_mask(shape, ratio, seed, candidates=None):
       half to even, like Python's `round`), 0 where `n == 0`.
     """
     batch, length = shape
-    noise = rng.uniform((batch, length), seed)
+    noise = backend.uniform((batch, length), seed)
     if candidates is None:
         n = ops.full((batch,), length, "int32")
     else:

@@ -24,7 +24,7 @@ from typing import Callable
 
 from keras import ops
 
-from mmt import rng
+from mmt import backend
 from mmt.sampling.mask_schedule import masked_counts
 
 # Logits of excluded tokens (outside token_range, the mask token): finite, so that
@@ -59,7 +59,7 @@ def decode(
       mask_id: the mask token. It is never sampled (its logit is excluded when it lies
         inside the vocabulary), so no `mask_id` remains after the last step.
       num_steps: static number of steps (ITIT 24, MaskGIT 8-12).
-      seed: an int or a `keras.random.SeedGenerator` (e.g. `mmt.training.task.StepSeed`);
+      seed: an int or a `keras.random.SeedGenerator` (e.g. `mmt.tasks.base.StepSeed`);
         one draw is taken from it, per-step seeds are derived from that draw.
       schedule: mask schedule method (see `mask_schedule.schedule`); the number of
         tokens revealed per step follows `mask_schedule.masked_counts`.
@@ -104,7 +104,7 @@ def decode(
         raise ValueError("tokens needs a static shape [B, N] (e.g. drop_remainder=True).")
     total = ops.sum(ops.cast(tokens == mask_id, "int32"), axis=-1)  # [B]
     counts = masked_counts(num_steps, total, schedule)  # [S, B] still masked after step s
-    step_seeds = rng.step_seeds(seed, num_steps)  # [S, 2]
+    step_seeds = backend.step_seeds(seed, num_steps)  # [S, 2]
 
     def guided_logits(current, step):
         logits = ops.cast(logits_fn(current), "float32")  # [B, N, V]
@@ -118,10 +118,10 @@ def decode(
 
     def step_fn(step, state):
         current = state[0]  # [B, N]
-        step_seed = rng.seed_at(step_seeds, step)
+        step_seed = backend.seed_at(step_seeds, step)
         logits = guided_logits(current, step)  # [B, N, V]
         unknown = current == mask_id
-        sampled = rng.categorical(logits, step_seed, sampling_temperature)
+        sampled = backend.categorical(logits, step_seed, sampling_temperature)
         sampled = ops.where(unknown, sampled, current)
         if order == "left_to_right":  # keep the leftmost: confidence falls with the position
             confidence = ops.broadcast_to(-ops.cast(ops.arange(length), "float32")[None], (batch, length))
@@ -130,7 +130,7 @@ def decode(
             chosen = ops.take_along_axis(log_probs, sampled[..., None], axis=-1)[..., 0]  # [B, N]
             # MaskGIT's annealed randomness in the choice of which samples to keep.
             anneal = 1.0 - ops.cast(step + 1, "float32") / num_steps
-            noise = rng.gumbel((batch, length), step_seed)
+            noise = backend.gumbel((batch, length), step_seed)
             confidence = chosen + choice_temperature * anneal * noise
         confidence = ops.where(unknown, confidence, float("inf"))  # fixed: never re-masked
         # Re-mask the `remask` least confident positions: exact counts via ranks.

@@ -19,7 +19,7 @@ receptive field small, which "led to it generalizing better to the true ELB" (§
 
 The defaults are the paper's: width 256, multipliers (1, 2, 4, 8) -> downsampling 8
 (256x256 images -> a 32x32 grid), 2 blocks per group, 8192 codes, decoder input
-width 128. Training (the ELB, its schedules) lives in `mmt.tokenizers.dvae_task`.
+width 128. Training (the ELB, its schedules) lives in `mmt.tasks.dvae`.
 
 `keras.ops` only: importing this module does not import TensorFlow.
 """

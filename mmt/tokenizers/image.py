@@ -26,6 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from mmt.backend import compile_function
 from mmt.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -40,20 +41,6 @@ def register_tokenizer(cls):
     """Class decorator: makes `cls` loadable by `ImageTokenizer.load`."""
     TOKENIZER_CLASSES[cls.__name__] = cls
     return cls
-
-
-def compile_function(fn: Callable) -> Callable:
-    """`fn` compiled with the active backend's XLA (imported lazily)."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn, jit_compile=True, reduce_retracing=True)
-    if backend == "jax":
-        import jax
-
-        return jax.jit(fn)
-    return fn
 
 
 class ConfigMismatchError(UserError, ValueError):

@@ -16,7 +16,7 @@ codes, batch 256 on WebLI). Both follow MaskGIT's `vqgan_tokenizer.py` (Chang et
 so the downsampling factor is 2^(len(channel_multipliers) - 1): MaskGIT's
 (1, 1, 2, 2, 4) gives f = 16. Images are float in [-1, 1] inside, uint8 outside (the
 `ImageTokenizer` interface). Training (losses, discriminator, summaries) lives in
-`mmt.tokenizers.vqgan_task`; this module imports `keras.ops` only, never TensorFlow.
+`mmt.tasks.vqgan`; this module imports `keras.ops` only, never TensorFlow.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def model_variables(model, exclude=()) -> tf.__internal__.tracking.AutoTrackable
     named after its Keras path without the model's own name (`encoder/block_0/...`),
     which stays the same across instances (`itit`, `itit_1`) and processes.
     """
-    from mmt.exports import weight_names  # the naming exports share
+    from mmt.tasks.exports import weight_names  # the naming exports share
 
     variables = tf.__internal__.tracking.AutoTrackable()
     for name, variable in weight_names(model, exclude).items():

@@ -1,6 +1,6 @@
 """Model vs data, checked before step 1: every stream's manifest against what the task needs.
 
-A task says what it expects (`Task.data_expectations()` -> `DataExpectations`: the
+A task says what it expects (`Task.data_expectations()` -> `mmt.tasks.base.DataExpectations`: the
 model's vocabulary sizes, token grid, text length, special ids, tokenizer fingerprints,
 and the gin binding that set each); `check_streams` compares that with each stream's
 `manifest.json` and raises `DataMismatchError` naming the manifest, the binding and
@@ -8,51 +8,27 @@ both values. Without it, ids beyond the model's vocabulary reach the embedding (
 accelerators an out-of-range gather is clamped or zero-filled: the run "works"), and a
 grid mismatch surfaces as `Dimensions must be equal, but are 256 and 64` mid-trace.
 
-No TensorFlow here: the manifests are read by the caller (`mmt.data.features`).
+No TensorFlow here: the manifests are read by the caller (`mmt.data.manifests`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Mapping
+from typing import Any
 
 from mmt.errors import UserError
+from mmt.tasks.base import DataExpectations
 
 
 class DataMismatchError(UserError, ValueError):
     """The data (or tokenizer) and the configured model disagree; the message names both."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DataExpectations:
-    """What a task's model needs from its data; None skips a check.
+def _binding(expect: DataExpectations, attribute: str) -> str:
+    """The gin binding that sets `attribute` (a macro behind it included), for messages."""
+    from mmt.errors import describe_binding
 
-    Attributes:
-      image_vocab_size: image token ids must lie in [0, image_vocab_size).
-      grid: (h, w) of the image token grid.
-      text_vocab_size: text ids (data and special ids) must lie in [0, text_vocab_size).
-      text_length: the model's text length (every text stream must pad to it).
-      special_text_ids: name -> id of the special text ids the model uses (eos, pad, bos).
-      image_tokenizer_fingerprint, text_vocab_fingerprint: of the configured tokenizers.
-      bindings: attribute name above -> the gin binding that sets it, for messages
-        (e.g. "ITITTask.network['image_vocab_size']"; a macro behind it is found by
-        `mmt.config.describe_binding`).
-    """
-
-    image_vocab_size: int | None = None
-    grid: tuple[int, int] | None = None
-    text_vocab_size: int | None = None
-    text_length: int | None = None
-    special_text_ids: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    image_tokenizer_fingerprint: str | None = None
-    text_vocab_fingerprint: str | None = None
-    bindings: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-    def binding(self, attribute: str) -> str:
-        from mmt.config import describe_binding
-
-        return describe_binding(self.bindings.get(attribute, attribute))
+    return describe_binding(expect.bindings.get(attribute, attribute))
 
 
 class TokenizerFileError(UserError, ValueError):
@@ -99,35 +75,35 @@ def stream_problems(expect: DataExpectations, manifest: Any, *, stream: str, fie
         if expect.image_vocab_size is not None and info.vocab_size > expect.image_vocab_size:
             problems.append(
                 f"{where} has image_tokenizer.vocab_size {info.vocab_size}, but the model's image vocabulary "
-                f"{expect.binding('image_vocab_size')} is {expect.image_vocab_size}; set it to at least "
+                f"{_binding(expect, 'image_vocab_size')} is {expect.image_vocab_size}; set it to at least "
                 f"{info.vocab_size}")
         if expect.grid is not None and tuple(info.grid) != tuple(expect.grid):
             problems.append(
                 f"{where} has image_tokenizer.grid {tuple(info.grid)}, but the model's grid "
-                f"{expect.binding('grid')} is {tuple(expect.grid)}; set it to {tuple(info.grid)}")
+                f"{_binding(expect, 'grid')} is {tuple(expect.grid)}; set it to {tuple(info.grid)}")
         fingerprint = expect.image_tokenizer_fingerprint
         if fingerprint is not None and info.fingerprint != fingerprint:
             problems.append(
                 f"{where} was made with image tokenizer {info.fingerprint!r}, but the configured "
-                f"{expect.binding('image_tokenizer_fingerprint')} has fingerprint {fingerprint!r}; re-tokenize "
+                f"{_binding(expect, 'image_tokenizer_fingerprint')} has fingerprint {fingerprint!r}; re-tokenize "
                 "the data or configure the tokenizer it was made with")
     if "text_ids" in fields:
         info = manifest.text_vocab
         if info is not None and expect.text_vocab_size is not None and info.vocab_size > expect.text_vocab_size:
             problems.append(
                 f"{where} has text_vocab.vocab_size {info.vocab_size}, but the model's text vocabulary "
-                f"{expect.binding('text_vocab_size')} is {expect.text_vocab_size}; set it to at least "
+                f"{_binding(expect, 'text_vocab_size')} is {expect.text_vocab_size}; set it to at least "
                 f"{info.vocab_size}")
         fingerprint = expect.text_vocab_fingerprint
         if info is not None and fingerprint is not None and info.fingerprint != fingerprint:
             problems.append(
                 f"{where} was made with text vocabulary {info.fingerprint!r}, but the configured "
-                f"{expect.binding('text_vocab_fingerprint')} has fingerprint {fingerprint!r}; re-tokenize the "
+                f"{_binding(expect, 'text_vocab_fingerprint')} has fingerprint {fingerprint!r}; re-tokenize the "
                 "data or configure the vocabulary it was made with")
         if expect.text_length is not None and int(text_length) != expect.text_length:
             problems.append(
                 f"stream {stream!r} pads text to {text_length} ({describe(text_length_binding)}), but the "
-                f"model's text length {expect.binding('text_length')} is {expect.text_length}; make them equal")
+                f"model's text length {_binding(expect, 'text_length')} is {expect.text_length}; make them equal")
     return problems
 
 
@@ -136,7 +112,7 @@ def special_id_problems(expect: DataExpectations) -> list[str]:
     if expect.text_vocab_size is None:
         return []
     return [f"special text id {name} = {value} is outside the model's text vocabulary [0, {expect.text_vocab_size}) "
-            f"({expect.binding('text_vocab_size')})"
+            f"({_binding(expect, 'text_vocab_size')})"
             for name, value in expect.special_text_ids.items()
             if value is not None and not 0 <= int(value) < expect.text_vocab_size]
 
@@ -162,16 +138,16 @@ def check_tokenizers(task: Any) -> None:
     vocab = getattr(image_tokenizer, "vocab_size", None)
     if vocab is not None and expect.image_vocab_size is not None and int(vocab) != expect.image_vocab_size:
         problems.append(f"{where} has {vocab} codes, but the model's image vocabulary "
-                        f"{expect.binding('image_vocab_size')} is {expect.image_vocab_size}")
+                        f"{_binding(expect, 'image_vocab_size')} is {expect.image_vocab_size}")
     grid = getattr(image_tokenizer, "grid_size", None)
     if grid is not None and expect.grid is not None and tuple(grid) != tuple(expect.grid):
-        problems.append(f"{where} has grid {tuple(grid)}, but the model's grid {expect.binding('grid')} is "
+        problems.append(f"{where} has grid {tuple(grid)}, but the model's grid {_binding(expect, 'grid')} is "
                         f"{tuple(expect.grid)}")
     raise_if(problems)
 
 
 def describe(binding: str) -> str:
-    from mmt.config import describe_binding
+    from mmt.errors import describe_binding
 
     return describe_binding(binding)
 

@@ -21,27 +21,16 @@ XLA fuses and rematerialises, and the attention's `s^2` term dominates at long i
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from typing import Mapping
 
 import numpy as np
 
+from mmt.tasks.base import StackPass
+
 GIB = 2**30
 #: Accelerator cores to compare against: HBM per core.
 CORES = {"TPU v4 core (32 GiB HBM)": 32 * GIB, "TPU v5e core (16 GiB HBM)": 16 * GIB}
-
-
-@dataclasses.dataclass(frozen=True)
-class StackPass:
-    """One transformer stack run with gradients during a step (see `activation_bytes`)."""
-
-    name: str
-    batch: int
-    tokens: int
-    width: int
-    depth: int
-    heads: int
 
 
 def activation_bytes(p: StackPass, bytes_per_value: int) -> int:

@@ -2,7 +2,7 @@
 
 A `Task` (see `task.py`) gives one replica's named losses; the `Trainer` owns the rest:
 
-* strategy (from `mmt.distribute`) and the XLA decision per strategy;
+* strategy (from `mmt.training.distribute`) and the XLA decision per strategy;
 * losses reduced so the update does not depend on the replica count: a per-replica
   mean is divided by the number of replicas, a `Ratio` by its denominator summed over
   replicas; gradients are then summed across replicas once, by the trainer;
@@ -40,16 +40,16 @@ from typing import Any, Callable, Mapping
 import keras
 import tensorflow as tf
 
-from mmt.data import features, pipeline
+from mmt.data import integrity, manifests, pipeline
 from mmt.errors import UserError
 from mmt.tokenizers.text import EOS_ID, PAD_ID
 from mmt.training.checkpoint import CheckpointError, CheckpointManager, model_variables
 from mmt.training import data_check
 from mmt.training.summaries import MetricsWriter
-from mmt import rng
-from mmt.exports import frozen_record, frozen_variables
+from mmt import backend
+from mmt.tasks.exports import frozen_record, frozen_variables
 from mmt.models.text_encoders import shape_only_frozen_encoders
-from mmt.training.task import OptimizerGroup, Ratio, Task, parameter_breakdown
+from mmt.tasks.base import OptimizerGroup, Ratio, Task, parameter_breakdown
 
 _log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Trainer:
         keras.mixed_precision.set_global_policy(self.precision)
         # Initial weights (and tf.data's global seed) follow the run's seed: two runs of
         # one config start from the same weights, whatever the strategy.
-        rng.seed_initial_weights(self.seed)
+        backend.seed_initial_weights(self.seed)
         with self.strategy.scope():
             self.task = self.task_factory()
             self.task.build()
@@ -172,9 +172,7 @@ class Trainer:
                 factory = self.group_optimizers.get(group.name, self.optimizer_factory)
                 opt = factory()
                 opt.build(self.group_variables[group.name])
-                # The trainer sums gradients across replicas itself (before clipping and
-                # the finiteness check); Keras must not sum them a second time.
-                opt._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)  # pylint: disable=protected-access
+                backend.keep_replica_gradients(opt)  # the trainer sums them itself (before clipping)
                 self.optimizers[group.name] = opt
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.skipped_total = tf.Variable(0, dtype=tf.int64, trainable=False, name="skipped_total")
@@ -185,7 +183,7 @@ class Trainer:
         self._declared_losses = loss_names
         self.jit_compile = {"auto": None, "xla": True, "graph": False, "eager": False}[self.mode]
         if self.jit_compile is None:
-            from mmt.distribute import use_jit_compile
+            from mmt.training.distribute import use_jit_compile
 
             self.jit_compile = use_jit_compile(self.strategy)
         self._boundaries = tuple(sorted(int(b) for b in self.task.phase_boundaries()))
@@ -222,8 +220,8 @@ class Trainer:
         ctx = tf.distribute.get_replica_context()
         num_replicas = self.strategy.num_replicas_in_sync
         replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
-        seed = rng.for_step(self.seed, step, replica)
-        with tf.GradientTape(persistent=len(self.groups) > 1) as tape, rng.scope(seed):
+        seed = backend.for_step(self.seed, step, replica)
+        with tf.GradientTape(persistent=len(self.groups) > 1) as tape, backend.scope(seed):
             raw = self.task.compute_losses(batch, step, seed)
             losses = {}
             for name, value in raw.items():
@@ -315,7 +313,7 @@ class Trainer:
 
         Args:
           workdir: the run's directory (checkpoints, summaries, records of the run).
-          strategy: from `mmt.distribute.make_strategy`; None is the default strategy.
+          strategy: from `mmt.training.distribute.make_strategy`; None is the default strategy.
           dry_run: print the parameter breakdown (and the operative config, when given)
             and return without reading data.
           allow_config_change: resume even if gin's operative config (taken after the
@@ -348,7 +346,7 @@ class Trainer:
             return RunResult("dry_run", 0, 0, {})
         workdir = os.fspath(workdir)
         chief, worker = _chief_and_worker(self.strategy)
-        manifests = self.check_data()
+        stream_manifests = self.check_data()
         if chief:
             self._check_resume(workdir, operative_config, allow_config_change)
         tf.io.gfile.makedirs(workdir)
@@ -381,7 +379,7 @@ class Trainer:
             check_frozen_parts(self.task, manager, restored)
         if chief:
             # Only now, with the run's inputs, config and checkpoint accepted.
-            self._record_run(workdir, operative_config, manifests)
+            self._record_run(workdir, operative_config, stream_manifests)
         if not chief:
             # Every worker takes part in saving (variables are read collectively), but
             # only the chief's copy is kept: the others write to their own scratch space.
@@ -402,7 +400,7 @@ class Trainer:
                 except tf.errors.InvalidArgumentError as e:
                     # The input pipeline's record checks (token counts, ids in range) name
                     # the records at fault.
-                    raise TrainingError(f"bad input records at step {step + 1}: {features.error_summary(e)}; "
+                    raise TrainingError(f"bad input records at step {step + 1}: {integrity.error_summary(e)}; "
                                         "re-create the data or drop these records") from e
                 metrics, applied = self.train_step(batch)
                 step += 1
@@ -463,24 +461,24 @@ class Trainer:
         """
         expect = data_check.expectations_of(self.task)
         problems = [] if expect is None else data_check.special_id_problems(expect)
-        manifests = {}
+        stream_manifests = {}
         for name, spec in self.streams.items():
             binding = data_check.describe(f"{name}/StreamSpec.data_dir")
             if not tf.io.gfile.isdir(spec.data_dir):
                 raise TrainingError(f"stream {name!r}: data directory {spec.data_dir} does not exist (set by "
                                     f"{binding}); give a directory written by mmt's data tools")
             try:
-                manifest = features.read_manifest(spec.data_dir)
+                manifest = manifests.read_manifest(spec.data_dir)
                 manifest.split(spec.split)
             except (FileNotFoundError, ValueError) as e:
                 raise TrainingError(f"stream {name!r} (data_dir from {binding}): {e}") from e
-            manifests[name] = manifest
+            stream_manifests[name] = manifest
             if expect is not None:
                 problems += data_check.stream_problems(
                     expect, manifest, stream=name, fields=spec.fields, text_length=spec.text_length,
                     text_length_binding=f"{name}/StreamSpec.text_length")
         data_check.raise_if(problems)
-        return manifests
+        return stream_manifests
 
     def _check_resume(self, workdir: str, operative_config: str, allow_config_change: bool) -> None:
         """Refuses to resume a workdir recorded with another operative config (reads only)."""
@@ -502,7 +500,7 @@ class Trainer:
                     )
                 _log.warning("resuming %s with a changed config:\n%s", workdir, diff)
 
-    def _record_run(self, workdir: str, operative_config: str, manifests: Mapping[str, Any]) -> None:
+    def _record_run(self, workdir: str, operative_config: str, stream_manifests: Mapping[str, Any]) -> None:
         """Writes the full and operative configs, git revision and data manifests into the workdir."""
         import gin
 
@@ -511,8 +509,8 @@ class Trainer:
             with tf.io.gfile.GFile(path + ".tmp", "w") as f:
                 f.write(text)
             tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-        manifests = {name: {"data_dir": self.streams[name].data_dir, "split": self.streams[name].split,
-                            **manifest.to_json()} for name, manifest in manifests.items()}
+        stream_manifests = {name: {"data_dir": self.streams[name].data_dir, "split": self.streams[name].split,
+                            **manifest.to_json()} for name, manifest in stream_manifests.items()}
         info = {
             "git": _git_revision(),
             "command": sys.argv,
@@ -521,7 +519,7 @@ class Trainer:
             "jit_compile": bool(self.jit_compile),
             "precision": self.precision,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-            "data": manifests,
+            "data": stream_manifests,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with tf.io.gfile.GFile(os.path.join(workdir, "run_info.json"), "w") as f:

@@ -4,7 +4,7 @@ Importing this module registers the builder; preparing it generates the examples
 `mmt.data.shapes.generate` (nothing is downloaded):
 
     import tensorflow_datasets as tfds
-    import mmt.data.shapes_tfds  # registers "mmt_shapes"
+    import mmt.data.shapes.tfds  # registers "mmt_shapes"
 
     ds = tfds.load("mmt_shapes/64", split="paired", data_dir="/tmp/tfds")
 

@@ -31,10 +31,10 @@ Generation is deterministic and random-access: example i of a split depends only
 in parallel. The scene and the caption do not depend on the resolution either, only
 the pixels do.
 
-Modules: `shapes_scene` (vocabulary, geometry, renderer), `shapes_text` (caption
-grammar and parser), `shapes_detect` (detector and scores); everything public is
+Modules: `scene` (vocabulary, geometry, renderer), `text` (caption
+grammar and parser), `detect` (detector and scores); everything public is
 importable from here. This module imports numpy, scipy and PIL only, never TensorFlow;
-`mmt.data.shapes_tfds` wraps it as a tensorflow-datasets builder.
+`mmt.data.shapes.tfds` wraps it as a tensorflow-datasets builder.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from mmt.data.shapes_detect import attribute_accuracy, detect, exact_match, object_scores
-from mmt.data.shapes_scene import COLORS, POSITIONS, SHAPES, SIZES, ShapeObject, render, scene_key
-from mmt.data.shapes_text import make_caption, parse_caption
+from mmt.data.shapes.detect import attribute_accuracy, detect, exact_match, object_scores
+from mmt.data.shapes.scene import COLORS, POSITIONS, SHAPES, SIZES, ShapeObject, render, scene_key
+from mmt.data.shapes.text import make_caption, parse_caption
 
 __all__ = [
     "COLORS", "POSITIONS", "RESOLUTIONS", "SHAPES", "SIZES", "SPLITS", "Example", "ShapeObject",
@@ -116,7 +116,7 @@ class ShapesConfig:
 @dataclasses.dataclass(frozen=True)
 class Example:
     """One generated example. Every split has both modalities here; which ones a stream
-    uses is up to the writer (`mmt.data.shapes_records`)."""
+    uses is up to the writer (`mmt.data.shapes.records`)."""
 
     key: str  # "shapes/{split}/{seed}/{index:08d}", stable across runs and versions
     image: np.ndarray  # uint8 [R, R, 3]

@@ -19,7 +19,7 @@ from mmt.losses.estimators import gumbel_softmax, straight_through_softmax
 from mmt.models import itit_inference
 from mmt.models.itit import ITIT
 from mmt.sampling.mask_schedule import random_mask, truncated_gaussian_mask_ratio
-from mmt.training.task import Ratio, Task, task_arguments
+from mmt.tasks.base import Ratio, StackPass, Task, task_arguments
 
 CYCLE_MODES = ("off", "baseline", "half", "full")
 
@@ -97,7 +97,7 @@ class ITITTask(Task):
 
     def data_expectations(self):
         """What the network needs from the data (checked against manifests before step 1)."""
-        from mmt.training.data_check import DataExpectations
+        from mmt.tasks.base import DataExpectations
 
         m = self.model
         text_vocab = ("ITITTask.network['text_vocab_size']" if m.text_encoder_spec == "trainable"
@@ -309,8 +309,6 @@ class ITITTask(Task):
 
     def activation_passes(self, batch_sizes):
         """The stacks a step runs with gradients, at per-replica `batch_sizes` (see `mmt.training.memory`)."""
-        from mmt.training.memory import StackPass
-
         m, c = self.model, self.model.cfg
         k, kept, length = m.num_image_tokens, m.num_image_tokens - m.num_dropped, m.text_length
 

@@ -17,7 +17,7 @@ text-to-image samples can be scored without any pretrained network:
 
 On rendered images this is exact: segmentation is exact, the true template sits on the
 searched lattice with IoU 1, and every other template scores at most 0.92
-(`mmt.data.shapes_scene`). On generated images it degrades gracefully and never raises
+(`mmt.data.shapes.scene`). On generated images it degrades gracefully and never raises
 on a uint8 image. Exact match on 2,000 eval images at 32 / 64 / 128, from
 `benchmarks/shapes_detector.py --robustness`: Gaussian blur sigma 0.7 px 100% at all
 three; sigma 1 px 65% / 100% / 100% (at 32 it rounds off small shapes' corners);
@@ -36,7 +36,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage, optimize
 
-from mmt.data.shapes_scene import BACKGROUND, COLORS, SHAPES, SIZES, ShapeObject, cell_of, extent, shape_mask
+from mmt.data.shapes.scene import BACKGROUND, COLORS, SHAPES, SIZES, ShapeObject, cell_of, extent, shape_mask
 
 _PALETTE = np.array([BACKGROUND] + list(COLORS.values()), np.int32)  # [1 + colours, 3]
 _COLOR_NAMES = tuple(COLORS)

@@ -22,51 +22,29 @@ leaves it untouched. Diagnostics with weight 0 (summaries only): `psnr`, `perple
 `code_usage`, `dead_codes`, `adaptive_weight`, `logits_real`, `logits_fake`.
 
 The adaptive weight needs the gradients of two losses with respect to the decoder's
-last convolution inside the step; `_gradient` takes them with the active backend's
-autodiff (imported lazily, as `mmt.tokenizers.image.compile_function` does).
+last convolution inside the step; `mmt.backend.gradient` takes them with the active backend's
+autodiff.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import keras
 import numpy as np
 from keras import ops
 
+from mmt import backend
 from mmt.losses import gan
 from mmt.losses.perceptual import PerceptualLoss
 from mmt.tokenizers.image import to_unit_range
 from mmt.tokenizers.vqgan import VQGAN
-from mmt.training.task import OptimizerGroup, Task
+from mmt.tasks.base import OptimizerGroup, Task
 
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 _DEFAULT_WEIGHTS = {"reconstruction": 1.0, "quantizer": 1.0, "perceptual": 1.0, "adversarial": 0.1,
                     "discriminator": 1.0}
 _DIAGNOSTICS = ("psnr", "perplexity", "code_usage", "dead_codes", "adaptive_weight", "logits_real", "logits_fake")
-
-
-def _gradient(fn: Callable[[Any], Any], x):
-    """d fn(x) / dx for a scalar-valued `fn`, with the active backend's autodiff."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = fn(x)
-        return tape.gradient(y, x)
-    if backend == "jax":
-        import jax
-
-        return jax.grad(fn)(x)
-    if backend == "torch":
-        import torch
-
-        x = x.detach().requires_grad_(True)
-        return torch.autograd.grad(fn(x), x)[0]
-    raise ValueError(f"the adaptive GAN weight needs autodiff, which the {backend!r} backend lacks; "
-                     "set VQGANTask.adaptive_weight = False")
 
 
 class _TrainingModel(keras.Model):
@@ -235,7 +213,7 @@ class VQGANTask(Task):
         def generator(k):
             return gan.hinge_generator_loss(self.discriminator(output(k)))
 
-        return gan.adaptive_weight([_gradient(nll, kernel)], [_gradient(generator, kernel)],
+        return gan.adaptive_weight([backend.gradient(nll, kernel)], [backend.gradient(generator, kernel)],
                                    max_weight=self.max_adaptive_weight)
 
     # -- summaries and export ------------------------------------------------------------

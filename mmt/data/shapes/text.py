@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from mmt.data.shapes_scene import COLORS, POSITIONS, SHAPES, SIZES, ShapeObject
+from mmt.data.shapes.scene import COLORS, POSITIONS, SHAPES, SIZES, ShapeObject
 
 _SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 _COLOR_WORDS = {name: (name,) for name in COLORS} | {"purple": ("purple", "magenta")}

@@ -1,10 +1,11 @@
-"""Every random draw of mmt, as a pure function of (run seed, step, replica).
+"""Randomness and the backend seams: the one module that touches backend specifics.
 
+**Every random draw of mmt is a pure function of (run seed, step, replica).**
 Preemption-safe training needs a resumed run to redraw exactly what the uninterrupted
 run drew: dropout masks, drop-path decisions, token masks, Gumbel noise, quantizer
 restarts and the samplers inside a step. Keras's own `SeedGenerator` keeps its state in
 a variable that is neither in `model.weights` nor checkpointed, so this module is the
-only place mmt draws random numbers (a test scans `mmt/` for other uses):
+only place mmt draws random numbers (`tests/test_rng.py` scans `mmt/` for other uses):
 
 * `StepSeed(seed)` / `FixedSeed(seed)`: stateless seed generators over an int `[2]`
   seed; each `next()` (each draw) gets a new stream, counted at trace time, so a traced
@@ -15,9 +16,14 @@ only place mmt draws random numbers (a test scans `mmt/` for other uses):
   a layer called with `training=True` outside any scope raises instead of falling back
   to a stateful generator.
 * `uniform`, `randint`, `gumbel`, `categorical`: the draws themselves; under
-  TensorFlow they go through `mmt.tf_random` so that XLA keeps the seed a runtime input.
+  TensorFlow they keep the seed a runtime input of an XLA program (see `_tf_uniform`).
 
-`keras.ops` only: importing this module does not import TensorFlow.
+**Backend seams**, each used where model code needs something `keras.ops` lacks:
+`compile_function` (the backend's XLA), `gradient` (the backend's autodiff of a scalar
+function), `keep_replica_gradients` (a Keras optimizer that must not all-reduce).
+Private Keras APIs are touched here only, each with its reason.
+
+`keras.ops` only at import time: importing this module does not import TensorFlow.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import threading
 
 import keras
 from keras import ops
+from typing import Any, Callable
+
 from keras import random as krandom
 from keras.random import SeedGenerator
-# The backend's seed dtype has no public alias (int64 under TF, uint32 under JAX).
+# Private Keras API: the backend's seed dtype has no public alias (int64 under TF, uint32 under JAX).
 from keras.src.backend import random_seed_dtype
 
 # Gumbel noise comes from 23-bit integers: TensorFlow's float `stateless_uniform` gives
@@ -108,43 +116,58 @@ def layer_seed(layer_name: str = "a layer") -> SeedGenerator:
     stack = getattr(_CURRENT, "stack", None)
     if not stack:
         raise RuntimeError(
-            f"{layer_name} draws random numbers (training=True) outside mmt.rng.scope(seed): every draw must "
-            "be a function of (seed, step, replica). The trainer opens the scope; elsewhere wrap the call in "
-            "`with mmt.rng.scope(mmt.rng.FixedSeed([seed, 0])):`.")
+            f"{layer_name} draws random numbers (training=True) outside mmt.backend.scope(seed): every draw "
+            "must be a function of (seed, step, replica). The trainer opens the scope; elsewhere wrap the call "
+            "in `with mmt.backend.scope(mmt.backend.FixedSeed([seed, 0])):`.")
     return stack[-1]
 
 
 # -- draws --------------------------------------------------------------------------------
 
 
-def _backend_draws():
-    """The module with XLA-safe `uniform` / `randint` for this backend, or None (use `keras.random`)."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    from mmt import tf_random  # TensorFlow-only; see its docstring for why
+def _tf_seed(seed):
+    """The int64 `[2]` seed tensor of an int / `SeedGenerator` under TensorFlow."""
+    # Private Keras API: `draw_seed` is how keras.random turns its seed argument into a tensor.
+    from keras.src.random.seed_generator import draw_seed
 
-    return tf_random
+    return draw_seed(seed)
+
+
+def _tf_uniform(shape, seed, minval, maxval, dtype):
+    """TensorFlow's stateless uniform with the seed as a runtime input of XLA programs.
+
+    Keras's TensorFlow backend casts the seed to int32 and lets TensorFlow pick the
+    algorithm ("auto_select"); XLA then treats the seed as a compile-time constant and
+    recompiles the whole step for every new seed (measured: an ITIT train step under
+    `jit_compile=True` recompiled at every step, 25 s each on CPU). Calling TensorFlow
+    with the int64 seed and `alg="philox"` keeps it a runtime input.
+    """
+    import tensorflow as tf  # TensorFlow backend only
+
+    if dtype is not None and "int" in str(dtype):
+        return tf.random.stateless_uniform(shape, seed=_tf_seed(seed), minval=minval, maxval=maxval, dtype=dtype,
+                                           alg="philox")
+    return tf.random.stateless_uniform(shape, seed=_tf_seed(seed), minval=tf.cast(minval, dtype),
+                                       maxval=tf.cast(maxval, dtype), dtype=dtype, alg="philox")
+
+
+def _on_tensorflow() -> bool:
+    return keras.backend.backend() == "tensorflow"
 
 
 def uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
-    """`keras.random.uniform`, except that under TensorFlow it stays compiled under XLA.
-
-    Keras's TensorFlow backend makes XLA treat the seed as a compile-time constant, so a
-    compiled step would recompile for every new seed; `mmt.tf_random` draws with the
-    seed as a runtime input. Other backends use `keras.random` unchanged.
-    """
-    draws = _backend_draws()
-    if draws is None:
+    """`keras.random.uniform`, except that under TensorFlow it stays compiled under XLA
+    (`_tf_uniform`). Other backends use `keras.random` unchanged."""
+    if not _on_tensorflow():
         return krandom.uniform(shape, minval=minval, maxval=maxval, dtype=dtype, seed=seed)
-    return draws.uniform(shape, seed, minval, maxval, dtype)
+    return _tf_uniform(shape, seed, minval, maxval, dtype)
 
 
 def randint(shape, minval, maxval, seed, dtype="int32"):
     """`keras.random.randint` (int `[minval, maxval)`), XLA-safe as `uniform`."""
-    draws = _backend_draws()
-    if draws is None:
+    if not _on_tensorflow():
         return krandom.randint(shape, minval, maxval, seed=seed, dtype=dtype)
-    return draws.randint(shape, minval, maxval, seed, dtype)
+    return _tf_uniform(shape, seed, minval, maxval, dtype)
 
 
 def step_seeds(seed, num_steps: int):
@@ -197,5 +220,60 @@ def categorical(logits, seed, temperature: float = 1.0):
     return ops.sum(ops.cast(cdf < target, "int32"), axis=-1)
 
 
-__all__ = ["FixedSeed", "StepSeed", "categorical", "for_step", "gumbel", "layer_seed", "randint", "scope",
-           "seed_at", "seed_initial_weights", "step_seeds", "uniform"]
+# -- backend seams ------------------------------------------------------------------------
+
+
+def compile_function(fn: Callable) -> Callable:
+    """`fn` compiled with the active backend's XLA (TensorFlow / JAX imported lazily)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
+
+
+def gradient(fn: Callable[[Any], Any], x):
+    """d fn(x) / dx for a scalar-valued `fn`, with the active backend's autodiff.
+
+    `keras.ops` has no gradient; a loss that needs one inside the forward pass (the
+    VQGAN's adaptive GAN weight) calls this.
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        return tape.gradient(y, x)
+    if backend == "jax":
+        import jax
+
+        return jax.grad(fn)(x)
+    if backend == "torch":
+        import torch
+
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(fn(x), x)[0]
+    raise NotImplementedError(f"no autodiff seam for the {backend!r} backend")
+
+
+def keep_replica_gradients(optimizer) -> None:
+    """Stops a Keras optimizer from summing gradients across replicas itself.
+
+    mmt's trainer all-reduces gradients before clipping and the finiteness check; Keras's
+    `apply` under a `tf.distribute` strategy would sum them a second time. Private Keras
+    API: `_all_reduce_sum_gradients` is the hook Keras calls for that sum, and has no
+    public switch.
+    """
+    optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)  # pylint: disable=protected-access
+
+
+__all__ = ["FixedSeed", "StepSeed", "categorical", "compile_function", "for_step", "gradient", "gumbel",
+           "keep_replica_gradients", "layer_seed", "randint", "scope", "seed_at", "seed_initial_weights",
+           "step_seeds", "uniform"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from mmt.rng import StepSeed  # noqa: F401  (re-exported: the seed tasks receive)
+from mmt.backend import StepSeed  # noqa: F401  (re-exported: the seed tasks receive)
 
 
 class Ratio(NamedTuple):
@@ -46,6 +46,44 @@ class OptimizerGroup:
     name: str
     losses: tuple[str, ...] = ()
     variable_prefixes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataExpectations:
+    """What a task's model needs from its data; None skips a check.
+
+    Attributes:
+      image_vocab_size: image token ids must lie in [0, image_vocab_size).
+      grid: (h, w) of the image token grid.
+      text_vocab_size: text ids (data and special ids) must lie in [0, text_vocab_size).
+      text_length: the model's text length (every text stream must pad to it).
+      special_text_ids: name -> id of the special text ids the model uses (eos, pad, bos).
+      image_tokenizer_fingerprint, text_vocab_fingerprint: of the configured tokenizers.
+      bindings: attribute name above -> the gin binding that sets it, for messages
+        (e.g. "ITITTask.network['image_vocab_size']"; a macro behind it is found by
+        `mmt.errors.describe_binding` when a message names it).
+    """
+
+    image_vocab_size: int | None = None
+    grid: tuple[int, int] | None = None
+    text_vocab_size: int | None = None
+    text_length: int | None = None
+    special_text_ids: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    image_tokenizer_fingerprint: str | None = None
+    text_vocab_fingerprint: str | None = None
+    bindings: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackPass:
+    """One transformer stack run with gradients during a step (`Task.activation_passes`; `mmt.training.memory` sizes it)."""
+
+    name: str
+    batch: int
+    tokens: int
+    width: int
+    depth: int
+    heads: int
 
 
 def task_arguments(local_variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,11 +161,11 @@ class Task:
     def export(self, directory: str, step: int | None = None) -> None:
         """Writes the trained artefact when the run completes.
 
-        Default: the model's weights and the task's arguments (`mmt.exports`), which
+        Default: the model's weights and the task's arguments (`mmt.tasks.exports`), which
         `mmt.generate` / `mmt.evaluate` load under any Keras backend. Tokenizer tasks
         write the tokenizer instead (`ImageTokenizer.save`).
         """
-        from mmt import exports
+        from mmt.tasks import exports
 
         exports.save_task(self, directory, step)
 

@@ -189,19 +189,5 @@ def load_task(directory: str | os.PathLike, overrides: Mapping[str, Any] | None 
     return task, document.get("step")
 
 
-def load_trained(workdir: str | os.PathLike):
-    """(task, step) of a training workdir: from its export when there is one (any backend),
-    else from its newest checkpoint (TensorFlow: a run stopped before completion).
-
-    `workdir` may also be an export directory itself.
-    """
-    for candidate in (Path(workdir), Path(workdir) / "export"):
-        if is_export(candidate):
-            return load_task(candidate)
-    from mmt.training.restore import load_task as load_checkpointed  # imports TensorFlow
-
-    return load_checkpointed(os.fspath(workdir))
-
-
-__all__ = ["ExportError", "load_trained", "frozen_record", "frozen_variables", "is_export", "load_task", "read_document",
+__all__ = ["ExportError", "frozen_record", "frozen_variables", "is_export", "load_task", "read_document",
            "save_task", "weight_names"]

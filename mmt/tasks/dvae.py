@@ -49,7 +49,7 @@ from keras import ops
 from mmt.losses import estimators, likelihoods
 from mmt.tokenizers.dvae import DVAE
 from mmt.tokenizers.image import to_unit_range
-from mmt.training.task import Ratio, Task
+from mmt.tasks.base import Ratio, Task
 
 
 def cosine_anneal(step, start: float, end: float, steps: int):

@@ -1,4 +1,5 @@
-"""mmt.rng: every random draw is a function of (seed, step, replica), from one module."""
+"""mmt.backend: every random draw is a function of (seed, step, replica), and the backend seams
+(private Keras APIs, JAX / torch autodiff and compilation) live in that one module."""
 
 import ast
 import pathlib
@@ -7,19 +8,19 @@ import numpy as np
 import pytest
 from keras import ops
 
-from mmt import rng
+from mmt import backend as rng
 from mmt.layers import Dropout, TransformerBlock
 
 MMT = pathlib.Path(__file__).resolve().parents[1] / "mmt"
 # The only modules allowed to call a random-number API directly.
-RANDOMNESS_MODULES = {"rng.py", "tf_random.py"}
+RANDOMNESS_MODULES = {"backend.py"}
 # Random APIs are recognised by a `random` component in a dotted name (`keras.random.x`,
 # `tf.random.x`, `np.random.x`, `krandom.x`) or by Keras's seed-generator names.
 RANDOM_NAMES = {"random", "krandom", "seed_generator", "SeedGenerator", "set_random_seed"}
 # Data generation (the shapes data set) builds `np.random.Generator`s seeded per
 # (config seed, split, index): deterministic, outside any training step.
 SEEDED_GENERATORS = {"np.random.Generator", "np.random.Philox", "np.random.SeedSequence", "np.random.default_rng",
-                     "rng.random"}  # a seeded Generator's method (mmt.rng has no `random`)
+                     "rng.random"}  # a seeded Generator's method (mmt.backend has no `random`)
 
 
 def _dotted(node) -> str:
@@ -33,7 +34,7 @@ def _dotted(node) -> str:
 
 
 def _random_uses(path: pathlib.Path) -> list[str]:
-    """Lines of `path` that import or use a random API other than `mmt.rng`."""
+    """Lines of `path` that import or use a random API other than `mmt.backend`."""
     tree = ast.parse(path.read_text())
     found, inner = [], set()
     for node in ast.walk(tree):
@@ -57,7 +58,7 @@ def _random_uses(path: pathlib.Path) -> list[str]:
     return found
 
 
-def test_no_module_outside_mmt_rng_draws_random_numbers():
+def test_no_module_outside_mmt_backend_draws_random_numbers():
     offenders = {}
     for path in sorted(MMT.rglob("*.py")):
         relative = path.relative_to(MMT).as_posix()
@@ -65,7 +66,38 @@ def test_no_module_outside_mmt_rng_draws_random_numbers():
             uses = _random_uses(path)
             if uses:
                 offenders[relative] = uses
-    assert not offenders, f"random draws outside mmt.rng: {offenders}"
+    assert not offenders, f"random draws outside mmt.backend: {offenders}"
+
+
+def _seam_uses(path: pathlib.Path) -> list[str]:
+    """Lines of `path` that touch a private Keras API or another backend's autodiff / compiler."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        for module in modules:
+            if module.startswith("keras.src") or module.split(".")[0] in ("jax", "torch"):
+                found.append(f"{node.lineno}: import {module}")
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                and isinstance(node.ctx, ast.Store) and not (isinstance(node.value, ast.Name)
+                                                            and node.value.id in ("self", "cls")):
+            found.append(f"{node.lineno}: sets {_dotted(node)}")  # monkeypatching another object
+    return found
+
+
+def test_backend_seams_and_private_keras_apis_only_in_mmt_backend():
+    offenders = {}
+    for path in sorted(MMT.rglob("*.py")):
+        relative = path.relative_to(MMT).as_posix()
+        if relative != "backend.py" and (uses := _seam_uses(path)):
+            offenders[relative] = uses
+    assert not offenders, f"backend seams outside mmt.backend: {offenders}"
+
+
+def test_the_seam_scan_finds_what_it_forbids(tmp_path):
+    sample = tmp_path / "bad.py"
+    sample.write_text("from keras.src.backend import x\nimport jax\nopt._all_reduce = None\nself._ok = 1\n")
+    assert len(_seam_uses(sample)) == 3, _seam_uses(sample)
 
 
 def test_the_scan_finds_what_it_forbids(tmp_path):
@@ -79,7 +111,7 @@ def test_the_scan_finds_what_it_forbids(tmp_path):
 def test_layers_draw_only_inside_a_scope():
     layer = Dropout(0.5)
     x = ops.ones((4, 8))
-    with pytest.raises(RuntimeError, match="outside mmt.rng.scope"):
+    with pytest.raises(RuntimeError, match="outside mmt.backend.scope"):
         layer(x, training=True)
     np.testing.assert_array_equal(np.asarray(layer(x)), np.asarray(x))  # inference needs no seed
 

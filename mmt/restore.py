@@ -1,14 +1,16 @@
-"""Rebuilds a trained task from its workdir: operative config + newest valid checkpoint."""
+"""Rebuilds a trained task from its workdir: its export, or operative config + newest checkpoint.
+
+TensorFlow is imported only on the checkpoint path: an export loads under any backend.
+"""
 
 from __future__ import annotations
 
 import os
-
-import tensorflow as tf
+from pathlib import Path
 
 from mmt import config as mmt_config
 from mmt.errors import UserError
-from mmt.training.checkpoint import CheckpointManager, model_variables
+from mmt.tasks import exports
 
 
 class WorkdirError(UserError, FileNotFoundError):
@@ -28,6 +30,10 @@ def load_task(workdir: str, gin_params=(), restore: bool = True):
       (task, step): the built task (`task.model` restored) and the checkpoint's step
       (0 without `restore`).
     """
+    import tensorflow as tf
+
+    from mmt.training.checkpoint import CheckpointManager, model_variables
+
     config = os.path.join(workdir, "operative_config.gin")
     if not tf.io.gfile.exists(config):
         raise WorkdirError(f"{config} not found: {workdir} is not a training workdir (give the --workdir "
@@ -39,12 +45,23 @@ def load_task(workdir: str, gin_params=(), restore: bool = True):
     trainer.build()
     if not restore:
         return trainer.task, 0
-    from mmt.exports import frozen_variables
-
     # Frozen parts (a T5 preset) were loaded from their own files by `build`.
-    checkpoint = tf.train.Checkpoint(model=model_variables(trainer.task.model, exclude=frozen_variables(trainer.task)))
+    checkpoint = tf.train.Checkpoint(model=model_variables(trainer.task.model,
+                                                           exclude=exports.frozen_variables(trainer.task)))
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint)
     step = manager.restore_latest()
     if step is None:
         raise WorkdirError(f"no checkpoint in {workdir}/checkpoints: train first")
     return trainer.task, step
+
+
+def load_trained(workdir: str | os.PathLike):
+    """(task, step) of a training workdir: from its export when there is one (any backend),
+    else from its newest checkpoint (TensorFlow: a run stopped before completion).
+
+    `workdir` may also be an export directory itself.
+    """
+    for candidate in (Path(workdir), Path(workdir) / "export"):
+        if exports.is_export(candidate):
+            return exports.load_task(candidate)
+    return load_task(os.fspath(workdir))

@@ -1,4 +1,4 @@
-"""Writes the `shapes` data set as TFRecords in mmt's schema (`mmt.data.features`).
+"""Writes the `shapes` data set as TFRecords in mmt's schema (`mmt.data.manifests`).
 
 Each split gets the fields its stream carries: `paired` and `eval` have image and
 text, `image_only` only the image, `text_only` only the text. Images are stored PNG
@@ -17,8 +17,7 @@ from typing import Callable, Iterator, Mapping, Protocol
 import numpy as np
 from PIL import Image
 
-from mmt.data import features, shapes
-from mmt.tokenizers.text import TextTokenizer
+from mmt.data import manifests, schema, shapes
 
 # Which modalities each split's records carry.
 SPLIT_FIELDS = {
@@ -27,6 +26,18 @@ SPLIT_FIELDS = {
     "text_only": ("text",),
     "eval": ("image", "text"),
 }
+
+
+class TextTokenizer(Protocol):
+    """What a text vocabulary must offer to encode captions (see `mmt.tokenizers.text`)."""
+
+    vocab_size: int
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:  # pieces without EOS, one list per text
+        ...
+
+    def fingerprint(self) -> str:
+        ...
 
 
 class ImageTokenizer(Protocol):
@@ -64,7 +75,7 @@ def _serialized_examples(
         if "text" in fields and text_tokenizer is not None:
             text_ids = text_tokenizer.tokenize([e.caption for e in batch])
         for i, example in enumerate(batch):
-            yield example.key, features.encode_example(
+            yield example.key, schema.encode_example(
                 example.key,
                 image_tokens=None if tokens is None else tokens[i],
                 image_encoded=png_bytes(example.image) if "image" in fields else None,
@@ -83,7 +94,7 @@ def write_shapes_records(
     num_shards: int = 4,
     batch_size: int = 64,
     progress: Callable[[str, int], None] | None = None,
-) -> features.Manifest:
+) -> manifests.Manifest:
     """Writes one set of sharded TFRecords per split, then `manifest.json`.
 
     Args:
@@ -109,19 +120,19 @@ def write_shapes_records(
         )
         if progress is not None:
             records = _report(records, lambda n, s=split: progress(s, n))
-        splits[split] = features.write_split(output_dir, split, records, num_shards=num_shards)
+        splits[split] = schema.write_split(output_dir, split, records, num_shards=num_shards)
     image_info = text_info = None
     if image_tokenizer is not None:
-        image_info = features.ImageTokenizerInfo(
+        image_info = manifests.ImageTokenizerInfo(
             fingerprint=image_tokenizer.fingerprint(),
             grid=tuple(image_tokenizer.grid_size),
             vocab_size=int(image_tokenizer.vocab_size),
         )
     if text_tokenizer is not None:
-        text_info = features.TextVocabInfo(
+        text_info = manifests.TextVocabInfo(
             fingerprint=text_tokenizer.fingerprint(), vocab_size=text_tokenizer.vocab_size
         )
-    return features.write_manifest(
+    return manifests.write_manifest(
         output_dir,
         splits=splits,
         image_tokenizer=image_info,

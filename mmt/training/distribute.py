@@ -68,7 +68,7 @@ def make_strategy(tpu: str | None = None, *, cpu_replicas: int | None = None) ->
         if len(cpus) < cpu_replicas:
             raise ValueError(
                 f"cpu_replicas={cpu_replicas} but only {len(cpus)} logical CPU devices exist; "
-                "call mmt.distribute.split_cpu(n) before TensorFlow initialises its devices"
+                "call mmt.training.distribute.split_cpu(n) before TensorFlow initialises its devices"
             )
         return tf.distribute.MirroredStrategy([d.name for d in cpus[:cpu_replicas]])
     return tf.distribute.get_strategy()

@@ -26,12 +26,12 @@ from typing import Mapping
 import numpy as np
 from keras import ops
 
-from mmt import rng
+from mmt import backend
 from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models import upgen_inference
-from mmt.models.upgen import IMAGE, TEXT, UPGen
+from mmt.models.upgen import TEXT, UPGen
 from mmt.sampling.mask_schedule import random_mask, uniform_mask_ratio
-from mmt.training.task import Ratio, Task, task_arguments
+from mmt.tasks.base import Ratio, Task, task_arguments
 
 #: UPGen §4.1 / Table 5: image 1.0, paired text 0.1, unpaired text 0.01. Unpaired images
 #: (not used in the paper's main runs) count like paired ones.
@@ -141,7 +141,7 @@ class UPGenTask(Task):
         is_text = ops.cast(self.model.type_ids(modalities), "bool")[None]  # TYPE_IDS[TEXT] == 1
         image_only = random_mask((batch, length), ratio, seed, ops.logical_and(allowed, ops.logical_not(is_text)))
         text_only = random_mask((batch, length), ratio, seed, ops.logical_and(allowed, is_text))
-        which = rng.randint((batch, 1), 0, 3, seed)
+        which = backend.randint((batch, 1), 0, 3, seed)
         return ops.where(which == 0, joint, ops.where(which == 1, image_only, text_only))
 
     def fixed_mask(self, ids, modalities, seed):
@@ -211,7 +211,7 @@ class UPGenTask(Task):
 
     def data_expectations(self):
         """What the network needs from the data (checked against manifests before step 1)."""
-        from mmt.training.data_check import DataExpectations
+        from mmt.tasks.base import DataExpectations
 
         m = self.model
         return DataExpectations(
@@ -246,7 +246,7 @@ class UPGenTask(Task):
             return fn(*(ops.convert_to_tensor(a) for a in args))
         key = (name, *(np.shape(a) for a in args))
         if key not in self._compiled:
-            from mmt.tokenizers.image import compile_function
+            from mmt.backend import compile_function
 
             self._compiled[key] = compile_function(fn)
         return self._compiled[key](*args)
@@ -324,7 +324,7 @@ def _seed_array(seed: int) -> np.ndarray:
 
 
 def _seed(seed_array):
-    from mmt.rng import FixedSeed
+    from mmt.backend import FixedSeed
 
     return FixedSeed(seed_array)
 
