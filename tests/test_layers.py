@@ -1,11 +1,6 @@
 """Tests for mmt.layers: masks, attention, blocks, embeddings, heads."""
 
-import ast
-import importlib.util
-import os
 import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -14,6 +9,7 @@ from keras import ops
 
 import mmt.layers as L
 from mmt import backend
+from harness import assert_no_tensorflow, assert_xla_matches_eager, check_layer, jax_check, mixed_bfloat16
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 LAYERS_DIR = pathlib.Path(L.__file__).parent
@@ -26,15 +22,6 @@ def np_(x):
 
 def randn(*shape):
     return RNG.standard_normal(shape).astype("float32")
-
-
-@pytest.fixture
-def mixed_bfloat16():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
 
 
 # --------------------------------------------------------------------------- masks
@@ -362,39 +349,44 @@ def test_embeddings_and_tied_logits():
 # -------------------------------------------------------------------- serialization
 
 
-def _config_roundtrip(layer, *args, **kwargs):
-    """serialize -> deserialize (which replays the build config) -> same weights -> same output."""
-    y = layer(*args, **kwargs)
-    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(clone) is type(layer)
-    assert clone.get_config() == layer.get_config()
-    assert clone.built
-    clone.set_weights(layer.get_weights())
-    y2 = clone(*args, **kwargs)
-    for a, b in zip(keras.tree.flatten(y), keras.tree.flatten(y2)):
-        np.testing.assert_array_equal(np_(a), np_(b))  # same weights, same ops: exact
+# One rtol for every layer below: XLA reorders float32 sums (the longest: an MLP's
+# 4 x 16 = 64 terms) and brings its own exp / erf / rsqrt (~16 per block); at most two
+# blocks in a row (tests/tolerances.py).
+LAYER_XLA_RTOL = reordered_sum_rtol(64, steps=2, chained_ops=16)
 
 
-def test_get_config_roundtrip_every_layer():
+def test_standard_checks_every_layer():
+    """Config round trip, eager == XLA and mixed_bfloat16 (tests/harness.py), layer by layer."""
     x, ctx, ids = randn(2, 4, 8), randn(2, 3, 6), np.array([[1, 2, 3, 0]] * 2)
-    _config_roundtrip(L.MultiHeadAttention(2, head_dim=3, dropout=0.1), x, mask=L.causal_mask(4))
-    _config_roundtrip(L.MultiHeadAttention(2, use_bias=False, output_dim=5), x, context=ctx)
-    mha = L.MultiHeadAttention(2)
-    mha(x)
-    _config_roundtrip(mha, x[:, :1], cache=mha.init_cache(2, 4), cache_index=1)
-    _config_roundtrip(L.Mlp(16, output_dim=4, activation="relu"), x)
-    block = L.TransformerBlock(2, 16, cross_attention=True, drop_path=0.1)
-    _config_roundtrip(block, x, context=ctx)
-    stack = L.TransformerStack(2, 2, 16, final_norm=False, head_dim=8)
-    _config_roundtrip(stack, x, mask=L.causal_mask(4))
-    emb = L.TokenEmbedding(5, 8, use_bias=True)
-    _config_roundtrip(emb, ids)
-    _config_roundtrip(L.LearnedPositionEmbedding(6, 8), x, offset=2)
-    _config_roundtrip(L.ModalityEmbedding(2, 8), x, type_ids=np.array([0, 0, 1, 1]))
-    _config_roundtrip(L.LogitsHead(5, hidden_dim=12), x)
-    _config_roundtrip(L.LogitsHead(5, norm=True, output_dtype=None), x)
-    _config_roundtrip(L.LogitsHead(5, tie_embeddings=True), x, embedding=emb)
-    _config_roundtrip(L.LogitsHead(5, tie_embeddings=True), x, embedding=emb.embeddings.value)
+    rtol = LAYER_XLA_RTOL
+    check_layer(lambda: L.MultiHeadAttention(2, head_dim=3, dropout=0.1), x, mask=L.causal_mask(4), xla_rtol=rtol)
+    check_layer(lambda: L.MultiHeadAttention(2, use_bias=False, output_dim=5), x, context=ctx, xla_rtol=rtol)
+
+    def built_mha():
+        mha = L.MultiHeadAttention(2)
+        mha(x)
+        return mha
+
+    mha = built_mha()  # the cache in the compute dtype: float32 here, bfloat16 under the policy
+    check_layer(built_mha, x[:, :1], cache=mha.init_cache(2, 4), cache_index=1, xla_rtol=rtol, mixed_dtype=None)
+    check_layer(lambda: L.Mlp(16, output_dim=4, activation="relu"), x, xla_rtol=rtol)
+    check_layer(lambda: L.TransformerBlock(2, 16, cross_attention=True, drop_path=0.1), x, context=ctx,
+                xla_rtol=rtol)
+    check_layer(lambda: L.TransformerStack(2, 2, 16, final_norm=False, head_dim=8), x, mask=L.causal_mask(4),
+                xla_rtol=rtol)
+    # The former test_jit_compile_matches_eager: a prefix mask and cross-attention.
+    check_layer(lambda: L.TransformerStack(2, 2, 16, cross_attention=True), randn(2, 5, 8),
+                mask=L.prefix_mask(2, 5), context=randn(2, 3, 8), xla_rtol=rtol)
+    emb, _ = check_layer(lambda: L.TokenEmbedding(5, 8, use_bias=True), ids, xla_rtol=rtol)
+    check_layer(lambda: L.LearnedPositionEmbedding(6, 8), x, offset=2, xla_rtol=rtol)
+    check_layer(lambda: L.ModalityEmbedding(2, 8), x, type_ids=np.array([0, 0, 1, 1]), xla_rtol=rtol)
+    # Logits in float32 under mixed precision, unless output_dtype=None.
+    check_layer(lambda: L.LogitsHead(5, hidden_dim=12), x, xla_rtol=rtol, mixed_dtype="float32")
+    check_layer(lambda: L.LogitsHead(5, norm=True, output_dtype=None), x, xla_rtol=rtol)
+    check_layer(lambda: L.LogitsHead(5, tie_embeddings=True), x, embedding=emb, xla_rtol=rtol,
+                mixed_dtype="float32")
+    check_layer(lambda: L.LogitsHead(5, tie_embeddings=True), x, embedding=emb.embeddings.value, xla_rtol=rtol,
+                mixed_dtype="float32")
 
 
 def test_keras_file_save_load(tmp_path):
@@ -417,7 +409,13 @@ def test_keras_file_save_load(tmp_path):
 # ------------------------------------------------------------------ mixed precision
 
 
-def test_mixed_bfloat16(mixed_bfloat16):
+@pytest.fixture
+def bf16_policy():
+    with mixed_bfloat16():
+        yield
+
+
+def test_mixed_bfloat16(bf16_policy):
     ids = np.array([[1, 2, 3, 4]])
     emb = L.TokenEmbedding(6, 8)
     stack = L.TransformerStack(1, 2, 16, cross_attention=True)
@@ -446,56 +444,33 @@ def test_mixed_bfloat16(mixed_bfloat16):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.function test")
-def test_jit_compile_matches_eager():
+def test_cached_step_jit_compile_matches_eager():
+    # The uncached stacks are compiled in test_standard_checks_every_layer.
     import tensorflow as tf
 
-    x, ctx = randn(2, 5, 8), randn(2, 3, 8)
-    stack = L.TransformerStack(2, 2, 16, cross_attention=True)
-    mask = L.prefix_mask(2, 5)
-    eager = np_(stack(x, mask=mask, context=ctx))
-    compiled = tf.function(lambda x, c: stack(x, mask=mask, context=c), jit_compile=True)
-    # XLA reorders float32 sums (the longest: the MLP's 4 x 16 = 64 terms) and brings its
-    # own exp / erf / rsqrt (~16 per block); two blocks in a row (tests/tolerances.py).
-    rtol = reordered_sum_rtol(64, steps=2, chained_ops=16)
-    assert_close_to_scale([np_(compiled(x, ctx))], [eager], rtol, "stack")
-
     self_stack = L.TransformerStack(2, 2, 16)
-    self_stack(x)
+    self_stack(randn(2, 5, 8))
     cache = self_stack.init_cache(2, 5)
-    step = tf.function(
-        lambda x, cache, i: self_stack(x, cache=cache, cache_index=i), jit_compile=True
-    )
-    eager_out, _ = self_stack(x[:, 2:3], cache=cache, cache_index=2)
-    jit_out, new_cache = step(x[:, 2:3], cache, tf.constant(2))
-    assert_close_to_scale([np_(jit_out)], [np_(eager_out)], rtol, "cached step")
-    assert new_cache.shape == cache.shape
+    step = lambda x, cache, i: self_stack(x, cache=cache, cache_index=i)  # noqa: E731
+    assert_xla_matches_eager(step, tf.constant(randn(2, 1, 8)), cache, tf.constant(2), rtol=LAYER_XLA_RTOL,
+                             what="cached step")
+    assert step(randn(2, 1, 8), cache, 2)[1].shape == cache.shape
 
 
 # ------------------------------------------------------------ no TensorFlow import
 
 
 def test_layers_do_not_import_tensorflow_or_gin():
-    # Keras' numpy backend needs JAX, which is not installed here, so check statically.
-    for path in sorted(LAYERS_DIR.glob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            else:
-                continue
-            for name in names:
-                root = name.split(".")[0]
-                assert root not in {"tensorflow", "tf_keras", "gin"}, f"{path.name} imports {name}"
+    files = [str(path.relative_to(LAYERS_DIR.parents[1])) for path in sorted(LAYERS_DIR.glob("*.py"))]
+    assert "mmt.layers.attention" in assert_no_tensorflow(files, ["mmt.layers"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX not installed")
+@jax_check(modules=["mmt.layers"], rtol=LAYER_XLA_RTOL)
 def test_layers_run_under_jax_without_tensorflow():
-    code = (
-        "import sys, numpy as np, mmt.layers as L;"
-        "y = L.TransformerStack(1, 2, 8)(np.ones((1, 3, 4), 'float32'), mask=L.causal_mask(3));"
-        "assert 'tensorflow' not in sys.modules, 'tensorflow imported'"
-    )
-    env = dict(os.environ, KERAS_BACKEND="jax")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    return L.TransformerStack(1, 2, 8), (randn(1, 3, 4),), {"mask": L.causal_mask(3)}
+
+
+@jax_check(modules=["mmt.layers"], rtol=LAYER_XLA_RTOL)
+def test_stack_and_logits_head_equal_under_jax():
+    model = keras.Sequential([L.TransformerStack(1, 2, 8), L.LogitsHead(7, hidden_dim=8)])
+    return model, (randn(2, 3, 4),), {}

@@ -1,13 +1,8 @@
 """Tests for mmt.sampling: mask schedules, MaskGIT parallel decoding, autoregressive decoders."""
 
-import ast
-import importlib.util
 import itertools
 import math
-import os
 import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -22,16 +17,14 @@ from mmt.sampling import mask_schedule as ms
 from mmt.sampling import parallel_decode as pd
 from mmt import backend as seeds
 from mmt.tasks.base import StepSeed
-from tolerances import assert_close_to_scale, reordered_sum_rtol
+import harness
+from harness import assert_no_tensorflow, jax_check
+from tolerances import reordered_sum_rtol
 
 SAMPLING_DIR = pathlib.Path(__file__).resolve().parents[1] / "mmt" / "sampling"
 np_ = ops.convert_to_numpy
 assert_equal = np.testing.assert_array_equal
 assert_close = np.testing.assert_allclose
-
-
-def xla(fn):
-    return tf.function(fn, jit_compile=True, autograph=False)
 
 
 # Decoders and samplers return ids (which must agree exactly) and float scores: log-probs
@@ -41,18 +34,11 @@ SCORE_RTOL = reordered_sum_rtol(64, steps=8, chained_ops=16)
 
 
 def assert_same_outputs(got, want, what=""):
-    for a, b in zip(keras.tree.flatten(got), keras.tree.flatten(want)):
-        a, b = np_(a), np_(b)
-        if np.issubdtype(b.dtype, np.floating):
-            assert_close_to_scale([a], [b], SCORE_RTOL, what)
-        else:
-            assert_equal(a, b, err_msg=what)
+    harness.assert_same_outputs(got, want, SCORE_RTOL, what)
 
 
 def check_xla_matches_eager(run, *args):
-    eager = run(*(ops.convert_to_tensor(a) for a in args))
-    compiled = xla(run)(*(tf.constant(a) for a in args))
-    assert_same_outputs(compiled, eager, "xla")
+    harness.assert_xla_matches_eager(run, *(tf.constant(a) for a in args), rtol=SCORE_RTOL)
 
 
 # --------------------------------------------------------------------- mask schedules
@@ -399,36 +385,18 @@ def test_categorical_samples_the_tempered_softmax_and_never_an_excluded_id(tempe
 # ------------------------------------------------------------------ backend neutrality
 
 
-def _module_level(tree):
-    """Nodes outside function bodies: what runs when the module is imported."""
-    stack = list(tree.body)
-    while stack:
-        node = stack.pop()
-        yield node
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            stack.extend(ast.iter_child_nodes(node))
-
-
 def test_sampling_imports_no_tensorflow():
     # Importing mmt.sampling must not import TensorFlow (JAX hosts have none); a function
     # may use it lazily when Keras runs on the TensorFlow backend (mmt.backend).
-    for path in SAMPLING_DIR.glob("*.py"):
-        for node in _module_level(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            assert not any(n.split(".")[0] == "tensorflow" for n in names), (path, names)
-            assert getattr(getattr(node, "func", None), "id", "") != "__import__", path
+    modules = [f"mmt.sampling.{path.stem}" for path in SAMPLING_DIR.glob("*.py")]
+    assert "mmt.sampling.parallel_decode" in assert_no_tensorflow(modules=modules)
 
 
+# Run by the JAX worker (tests/harness.py): eager and jax.jit draw the same integers.
 _JAX_SCRIPT = """
-import sys
-import numpy as np
 import jax
+import numpy as np
 from keras import ops
-from mmt.sampling import autoregressive, parallel_decode
 table = np.random.default_rng(0).normal(size=(6, 6)).astype("float32")
 fn = lambda t: ops.take(table, t, axis=0)
 tokens = np.full((2, 8), 5, "int32")
@@ -438,13 +406,10 @@ step = lambda t, i: ops.take(table, ops.take(t, i, axis=1), axis=0)
 beam = lambda s: autoregressive.beam_search(step, s, 6, 1, 0, beam_size=2)[0]
 start = np.array([[2], [3]])
 assert np.array_equal(np.asarray(beam(start)), np.asarray(jax.jit(beam)(start)))
-assert "tensorflow" not in sys.modules
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+@jax_check(modules=["mmt.sampling.autoregressive", "mmt.sampling.parallel_decode"], code=_JAX_SCRIPT)
 def test_runs_under_jax_without_tensorflow():
-    env = dict(os.environ, KERAS_BACKEND="jax")
-    result = subprocess.run([sys.executable, "-c", _JAX_SCRIPT], env=env, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Decoding under jax.jit, without TensorFlow."""
+

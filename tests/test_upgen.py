@@ -23,6 +23,7 @@ from mmt.tasks.upgen import UPGenTask
 from mmt.sampling.mask_schedule import masked_counts
 from mmt.tasks.base import StepSeed
 from mmt.training.trainer import Trainer
+from harness import assert_no_tensorflow, check_layer
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,14 +68,9 @@ def _recording_masks(task):
 
 
 def test_model_modules_import_neither_tensorflow_nor_gin():
-    import ast
-
-    for name in ("models/upgen.py", "models/upgen_inference.py", "tasks/upgen.py"):
-        tree = ast.parse((REPO / "mmt" / name).read_text())
-        for node in ast.walk(tree):  # anywhere, function bodies included
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any(n.split(".")[0] in ("tensorflow", "gin") for n in names), (name, names)
+    files = ["mmt/models/upgen.py", "mmt/models/upgen_inference.py", "mmt/tasks/upgen.py"]
+    seen = assert_no_tensorflow(files, ["mmt.models.upgen", "mmt.models.upgen_inference", "mmt.tasks.upgen"])
+    assert "mmt.layers" in seen
 
 
 # -- masking ------------------------------------------------------------------------------
@@ -264,6 +260,17 @@ def test_generated_ids_are_valid_and_of_the_right_modality_only():
 
 
 # -- XLA == eager ---------------------------------------------------------------------------------
+
+
+def test_standard_checks_of_the_network():
+    """Config round trip, eager == XLA, mixed_bfloat16 (tests/harness.py) on the whole network."""
+    paired = _batch()["paired"]
+    inputs = {"image_tokens": paired["image_tokens"].reshape(B, K), "text_ids": paired["text_ids"]}
+    network = {**NETWORK, "size_overrides": {"width": 32, "depth": 1, "heads": 2}}
+    # XLA reorders float32 sums (the longest: the MLP's 4 x 32 = 128 terms) and brings its
+    # own exp / erf / rsqrt (~16 along the chain); one block and the head (tests/tolerances.py).
+    check_layer(lambda: UPGen(**network), inputs, xla_rtol=reordered_sum_rtol(128, steps=2, chained_ops=16),
+                mixed_dtype="float32", lazy_variables=True)
 
 
 def test_loss_gradient_and_generation_xla_equal_eager():
