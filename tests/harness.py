@@ -248,6 +248,28 @@ def _namespace(modules):
 
 @functools.cache
 def _jax_results() -> dict:
+    """name -> (want, got) of every registered case, computed once per test session.
+
+    Under pytest-xdist every worker collects every case; the first worker to get here
+    builds and runs them all, the others wait on a lock and read its results (its
+    `want`s too: weights are built once), so the JAX worker starts once per session.
+    """
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        return _compute_jax_results()
+    import fcntl
+
+    shared = Path(tempfile.gettempdir()) / f"mmt-jax-checks-{run}.pkl"
+    with open(shared.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shared.is_file():
+            return pickle.loads(shared.read_bytes())  # written by this session's other worker
+        results = _compute_jax_results()
+        shared.write_bytes(pickle.dumps(results))
+        return results
+
+
+def _compute_jax_results() -> dict:
     """Builds every registered case here, runs them all in one worker: name -> (want, got)."""
     import keras
 
