@@ -55,13 +55,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+import common
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
                         help="auto (artifacts_tmp/vqgan_tiny if it exists, else vqgan_tiny_random), test, "
                         "vqgan_tiny_random, or a saved tokenizer directory")
     args = parser.parse_args(argv)
+    common.print_command(argv)
     _setup_paths()
     import logging
 
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
               f"{r['ratio_whole']:>6} {r['ratio_marginal']:>15}")
     print(f"\ntarget: pipeline >= 70% of the tokenizer's standalone rate; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}")
-    print("command: python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]))
+    common.report("beam_tokenize", {"sizes": results}, argv)
     return 0
 
 

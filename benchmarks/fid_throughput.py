@@ -27,14 +27,14 @@ for these runs; a GPU figure is still to be measured (`KERAS_BACKEND=jax` on a G
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 
 import keras
 import numpy as np
 from keras import ops
+
+import common
 
 
 def main(argv=None) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=4, help="timed batches per run")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each mode (best counts)")
     args = parser.parse_args(argv)
-    print("$ python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]))
+    common.print_command(argv)
 
     from mmt.evaluation import fid, fid_inception
     from mmt.backend import compile_function
@@ -85,9 +85,10 @@ def main(argv=None) -> int:
           f"{args.batches} batches x {args.repeats} alternating runs (best of each)")
     print(f"bare forward (299px float32 in):        {bare:8.1f} images/s")
     print(f"FID extractor (resize, network, stats):  {through:8.1f} images/s   ratio {through / bare:.3f}")
-    print(json.dumps({"backend": keras.backend.backend(), "batch_size": args.batch_size, "image_size": args.image_size,
-                      "batches": args.batches, "repeats": args.repeats, "bare_images_per_s": round(bare, 2),
-                      "extractor_images_per_s": round(through, 2), "ratio": round(through / bare, 3)}))
+    common.report("fid_throughput", {
+        "backend": keras.backend.backend(), "batch_size": args.batch_size, "image_size": args.image_size,
+        "batches": args.batches, "repeats": args.repeats, "bare_images_per_s": round(bare, 2),
+        "extractor_images_per_s": round(through, 2), "ratio": round(through / bare, 3)}, argv)
     return 0
 
 

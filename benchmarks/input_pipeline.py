@@ -15,15 +15,14 @@ the bottleneck of a host feeding accelerators.
 
 from __future__ import annotations
 
-import json
 import argparse
 import os
-import shlex
-import sys
 import tempfile
 import time
 
 import numpy as np
+
+import common
 
 BATCH_SIZES = {"paired": 1024, "image_only": 512, "text_only": 512}  # ITIT §4
 GRID = (16, 16)
@@ -70,6 +69,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--shuffle_buffer", type=int, default=10_000)
     parser.add_argument("--data_dir", default=None, help="reuse (or create) this directory instead of a temporary one")
     args = parser.parse_args(argv)
+    common.print_command(argv)
 
     import tensorflow as tf
 
@@ -116,18 +116,15 @@ def main(argv: list[str] | None = None) -> float:
     assert batch["paired"]["image_tokens"].shape == (1024, *GRID)
     per_step = sum(BATCH_SIZES.values())
     rate = args.steps * per_step / elapsed
-    command = " ".join(shlex.quote(a) for a in ["benchmarks/input_pipeline.py", *(sys.argv[1:] if argv is None else argv)])
     print(
         f"input pipeline: {rate:,.0f} examples/s ({args.steps / elapsed:.1f} steps/s of {per_step} examples: "
         f"paired 1024 + image_only 512 + text_only 512), {args.steps} steps after {args.warmup} warm-up, "
         f"{os.cpu_count()} CPUs, tensorflow {tf.__version__}"
     )
-    print(f"command: python {command}")
-    print(json.dumps({"benchmark": "input_pipeline", "command": f"python {command}", "cpus": os.cpu_count(),
-                      "examples_per_s": round(rate, 1), "steps_per_s": round(args.steps / elapsed, 3)},
-                     sort_keys=True))
     if tmp is not None:
         tmp.cleanup()
+    common.report("input_pipeline", {"examples_per_s": round(rate, 1), "steps_per_s": round(args.steps / elapsed, 3)},
+                  argv)
     return rate
 
 

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import platform
 import sys
 import time
 
@@ -32,6 +29,8 @@ import tensorflow as tf
 from mmt.tasks.itit import ITITTask
 from mmt.optimizers import Adafactor, Constant
 from mmt.training.trainer import Trainer
+
+import common
 
 ROWS = {  # Table 4: (t2i2t, i2t2i)
     1: ("off", "off"), 2: ("half", "off"), 3: ("off", "half"), 4: ("half", "half"),
@@ -101,11 +100,10 @@ def main(argv=None) -> int:
                         help="classifier-free guidance of that synthesis (ITIT §3.2 uses the T2I inference "
                         "pipeline: 24 steps, 2.0)")
     args = parser.parse_args(argv)
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    common.print_command(argv)
     print(f"mode {args.mode}, {args.steps} timed steps per row, T2I2T synthesis in {args.synthesis_steps} steps, "
           f"guidance {args.synthesis_guidance}\n")
-    figures = {"benchmark": "itit_cycle_cost", "command": " ".join(sys.argv), "machine": platform.processor(),
-               "synthesis_steps": args.synthesis_steps, "synthesis_guidance": args.synthesis_guidance}
+    figures = {"synthesis_steps": args.synthesis_steps, "synthesis_guidance": args.synthesis_guidance}
     for size in args.sizes:
         network, per_stream = SIZES[size]
         print(f"{size}: batch {per_stream} per stream (T2I {per_stream}, I2T {per_stream}, "
@@ -128,7 +126,7 @@ def main(argv=None) -> int:
             figures[f"{size}_full_vs_row1"] = round(rates[1] / rates[7], 3)
             if "1*" in rates:
                 figures[f"{size}_full_vs_row1_equal_total"] = round(rates["1*"] / rates[7], 3)
-    print(json.dumps(figures, sort_keys=True))
+    common.report("itit_cycle_cost", figures, argv)
     return 0
 
 

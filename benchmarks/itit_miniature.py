@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 from mmt import quickstart
 from mmt.data import shapes
+
+import common
 
 ROWS = {  # Table 2 row -> (t2i2t, i2t2i)
     3: ("off", "off"),
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval", type=int, default=100)
     parser.add_argument("--gin_param", action="append", default=[], help="extra ITIT bindings (every row)")
     args = parser.parse_args(argv)
+    common.print_command(argv)
 
     qs = Path(args.quickstart_workdir)
     summary = json.loads((qs / "summary.json").read_text())
@@ -62,7 +64,6 @@ def main(argv=None) -> int:
     counts = {"paired": paired, "image_only": unpaired, "text_only": unpaired}
     shapes_config = shapes.ShapesConfig(resolution=json.loads((tokenizer_dir / "config.json").read_text())
                                         ["config"]["image_size"])
-    print(f"command: python {' '.join(shlex.quote(a) for a in sys.argv)}")
     print(f"data: {counts} ({args.paired_fraction:.0%} paired), {args.steps} steps per row, "
           f"{args.eval} eval examples per direction")
     token_dirs = quickstart.tokenize_splits(out, summary, shapes_config, counts, tokenizer_dir, 2, 64)
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     print(f"\n{'row':>3}  {'T2I2T':>8}  {'I2T2I':>8}  {'T2I attr':>8}  {'I2T attr':>8}")
     for row, r in results.items():
         print(f"{row:>3}  {ROWS[row][0]:>8}  {ROWS[row][1]:>8}  {r['t2i']:>8.1%}  {r['i2t']:>8.1%}")
+    common.report("itit_miniature", results, argv)  # results.json's figures
     return 0
 
 

@@ -14,16 +14,14 @@ generates both ways from the export (24 guided parallel-decoding steps from T5 i
 decoded by the tokenizer; greedy captions from tokens). Data and tokenizer are random,
 of the right shapes.
 
-Prints each stage's wall time, the step time after compilation and the peak memory of
-the training processes, the command, and ends with one JSON line of those figures.
+Prints its command, each stage's wall time, the step time after compilation and the peak
+memory of the training processes, and ends with one JSON line of those figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import resource
 import shutil
@@ -34,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import common
 
 REPO = Path(__file__).resolve().parents[1]
 T5_BASE = dict(vocabulary_size=32128, num_layers=12, num_heads=12, hidden_dim=768, intermediate_dim=2048,
@@ -134,13 +134,13 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="/tmp/itit_paper_shape")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
-    command = "python benchmarks/itit_paper_shape.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    common.print_command(argv)
     root = Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     start = time.perf_counter()
     files = make_inputs(root)
-    figures = {"machine": platform.processor() or platform.machine(), "inputs_s": round(time.perf_counter() - start, 1)}
+    figures = {"inputs_s": round(time.perf_counter() - start, 1)}
     run = root / "run"
     # Preempted once step 1 is logged (SIGTERM: a checkpoint at the next step boundary),
     # then the same command again: it resumes and completes, writing the export.
@@ -157,8 +157,7 @@ def main(argv=None) -> int:
     figures.update(generate(run / "export", files))
     for key, value in figures.items():
         print(f"{key:24s} {value}")
-    print(f"command: {command}")
-    print(json.dumps({"benchmark": "itit_paper_shape", "command": command, **figures}, sort_keys=True))
+    common.report("itit_paper_shape", figures, argv)
     return 0 if figures["resumed"] and figures["preempted"] else 1
 
 

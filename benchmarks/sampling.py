@@ -24,10 +24,7 @@ random bits at memory speed, so the gain there is smaller.
 
 from __future__ import annotations
 
-import json
 import argparse
-import shlex
-import sys
 import time
 
 import keras
@@ -35,6 +32,8 @@ import numpy as np
 from keras import ops
 
 from mmt import layers, sampling
+
+import common
 
 
 def compile_fn(fn):
@@ -81,9 +80,9 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    common.print_command(argv)
+    print(f"backend {keras.backend.backend()}")
     keras.utils.set_random_seed(0)
-    command = shlex.join(["python", *sys.argv])
-    print(f"$ {command}  (backend {keras.backend.backend()})")
 
     mask_id = args.vocab - 1
     image_logits, _ = build(args.vocab, args.image_tokens)
@@ -97,8 +96,7 @@ def main(argv=None) -> None:
 
     tokens = np.full((args.batch, args.image_tokens), mask_id, "int32")
     seconds = timed(compile_fn(guided), tokens, repeats=args.repeats)
-    figures = {"benchmark": "sampling", "command": command, "backend": keras.backend.backend(),
-               "decode_s_per_batch": round(seconds, 4)}
+    figures = {"backend": keras.backend.backend(), "decode_s_per_batch": round(seconds, 4)}
     print(f"decode       batch {args.batch}, {args.image_tokens} tokens, {args.steps} steps, "
           f"V {args.vocab}, guided: {seconds:.2f} s/batch")
 
@@ -120,7 +118,7 @@ def main(argv=None) -> None:
     print(f"beam_search  batch {args.batch}, beam {args.beam}, {args.text_length} tokens, "
           f"V {args.vocab}, cached: {seconds:.2f} s/batch")
     figures["beam_search_s_per_batch"] = round(seconds, 4)
-    print(json.dumps(figures, sort_keys=True))
+    common.report("sampling", figures, argv)
 
 
 if __name__ == "__main__":

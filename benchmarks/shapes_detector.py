@@ -24,16 +24,15 @@ noise sigma 60 98.85 / 99.85 / 100%, 3% random pixels 99.95 / 100 / 100%, colour
 
 from __future__ import annotations
 
-import json
 import argparse
-import shlex
-import sys
 import time
 
 import numpy as np
 from scipy import ndimage
 
 from mmt.data import shapes
+
+import common
 
 _COLUMNS = ("exact", "shape", "color", "size", "cell", "count")
 
@@ -89,10 +88,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="also detect on blurred / noisy / dimmed copies of the images")
     args = parser.parse_args(argv)
 
-    print("$ python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]))
+    common.print_command(argv)
     print(f"{args.count} {args.split} images per resolution, seed {args.seed}")
     print(f"{'resolution':<12}" + "".join(f"{c:<9}" for c in _COLUMNS) + "images/s  (detect only)")
-    figures = {"benchmark": "shapes_detector", "command": " ".join(["python", *sys.argv])}
+    figures = {}
     for resolution in (int(r) for r in args.resolutions.split(",")):
         config = shapes.ShapesConfig(resolution=resolution, seed=args.seed)
         examples = list(shapes.generate(config, args.split, args.count))
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"detected {[o.describe() for o in found]}")
         if args.robustness:
             robustness(examples, args.seed)
-    print(json.dumps(figures, sort_keys=True))
+    common.report("shapes_detector", figures, argv)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -153,8 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", default=None, help="default: <tokenizer>/quality")
     args = parser.parse_args(argv)
 
-    command = "$ python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-    print(command)
+    import common  # here, not at the top: the tests load this file by path, without benchmarks/ on sys.path
+
+    command = common.print_command(argv)
     tokenizer = ImageTokenizer.load(args.tokenizer)
     resolution = tokenizer.image_size
     if resolution not in shapes.RESOLUTIONS:
@@ -185,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
                   split=args.split, seed=args.seed)
     (output / "quality.json").write_text(json.dumps(public, indent=2, sort_keys=True) + "\n")
     print(f"wrote {output / 'reconstructions.png'} and {output / 'quality.json'}")
+    common.report("tokenizer_quality", {k: v for k, v in public.items() if k != "command"}, argv)
     return public
 
 

@@ -30,7 +30,6 @@ run mean anything.
 
 from __future__ import annotations
 
-import json
 import argparse
 import functools
 import os
@@ -48,6 +47,8 @@ from mmt.layers import TransformerStack
 from mmt.optimizers import Adafactor, Constant
 from mmt.tasks.base import Ratio, Task
 from mmt.training.trainer import Trainer
+
+import common
 
 BATCH, TOKENS, DEPTH, VOCAB = 8, 256, 4, 1024
 MASK_ID = VOCAB - 1
@@ -293,10 +294,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no_xla", action="store_true", help="also time both models without XLA")
     parser.add_argument("--profile", metavar="DIR", help="also trace mmt's XLA step into DIR and print its top ops")
     args = parser.parse_args(argv)
+    common.print_command(argv)
 
     ceiling = matmul_ceiling()
     best_ceiling = max(ceiling.values())
-    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"tensorflow {tf.__version__}, keras {keras.__version__}; "
           f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default (on)')}")
@@ -306,8 +307,7 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     modes = [True, False] if args.no_xla else [True]
-    figures = {"benchmark": "train_step", "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-               "machine": platform.processor() or platform.machine(), "ceiling_gflops": round(best_ceiling, 1)}
+    figures = {"ceiling_gflops": round(best_ceiling, 1)}  # TF/XLA 2048^2, beside report's NumPy one
     for width in args.widths:
         flops = train_flops(width)
         results = {}
@@ -318,13 +318,15 @@ def main(argv=None) -> int:
                 results[(name, jit)] = gflops
                 print(f"{name:<12} {width:>5} {'on' if jit else 'off':>4} {seconds * 1e3:>8.1f} {gflops:>8.1f} "
                       f"{100 * gflops / best_ceiling:>8.1f}%", flush=True)
-        print(f"  width {width}: mmt / stock keras (XLA) = {results[('mmt', True)] / results[('stock keras', True)]:.2f}x; "
-              f"mmt / dots only (XLA) = {results[('mmt', True)] / results[('dots only', True)]:.2f}x\n")
+        vs_stock = results[('mmt', True)] / results[('stock keras', True)]
+        vs_dots = results[('mmt', True)] / results[('dots only', True)]
+        print(f"  width {width}: mmt / stock keras (XLA) = {vs_stock:.2f}x; mmt / dots only (XLA) = {vs_dots:.2f}x\n")
         figures[f"width_{width}"] = {f"{n.replace(' ', '_')}{'' if jit else '_no_xla'}_of_ceiling":
                                      round(g / best_ceiling, 4) for (n, jit), g in results.items()}
+        figures[f"width_{width}"].update(mmt_vs_stock_keras=round(vs_stock, 3), mmt_vs_dots_only=round(vs_dots, 3))
         if args.profile:
             profile_mmt(width, 5, args.precision, os.path.join(args.profile, f"width{width}"))
-    print(json.dumps(figures, sort_keys=True))
+    common.report("train_step", figures, argv)
     return 0
 
 

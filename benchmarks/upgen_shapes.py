@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from mmt.data import shapes
+
+import common
 
 COUNTS = {"paired": 2000, "image_only": 4000, "text_only": 4000, "eval": 500}
 
@@ -161,8 +162,7 @@ def main(argv=None) -> int:
                         help="override a generation setting of the task, e.g. --set guidance_scale=1.0")
     parser.add_argument("--output_dir", default=None)
     args = parser.parse_args(argv)
-    command = "$ python benchmarks/upgen_shapes.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(command, flush=True)
+    command = common.print_command(argv)
     if args.make_data:
         if not args.image_tokenizer:
             parser.error("--make_data needs --image_tokenizer")
@@ -199,9 +199,10 @@ def main(argv=None) -> int:
              + [(image, f"I2T: {c}") for c, image in samples["i2t"]]
              + [(image, "unconditional") for image in samples["unconditional"]])
     shapes.save_grid([t[0] for t in tiles], [t[1] for t in tiles], output / "samples.png")
-    results["command"] = command
-    (output / "upgen_shapes.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    written = {**results, "command": command}
+    (output / "upgen_shapes.json").write_text(json.dumps(written, indent=2, default=str) + "\n")
     print(f"wrote {output / 'samples.png'} and {output / 'upgen_shapes.json'}")
+    common.report("upgen_shapes", results, argv)  # upgen_shapes.json's figures
     return 0
 
 
