@@ -11,6 +11,7 @@ without parsing tables:
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -53,7 +54,18 @@ def machine() -> dict[str, Any]:
             "matmul_fp32_gflops": round(matmul_ceiling_gflops(), 1)}
 
 
+def _finite(value):
+    """NaN / infinity -> None, so that strict JSON parsers (jq) read the line too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def report(benchmark: str, figures: Mapping[str, Any], argv: Sequence[str] | None = None) -> None:
     """Prints the closing JSON line: {benchmark, command, machine, figures}."""
-    print(json.dumps({"benchmark": benchmark, "command": command(argv), "machine": machine(),
-                      "figures": dict(figures)}, sort_keys=True, default=str), flush=True)
+    line = {"benchmark": benchmark, "command": command(argv), "machine": machine(), "figures": dict(figures)}
+    print(json.dumps(_finite(line), sort_keys=True, default=str, allow_nan=False), flush=True)
