@@ -11,9 +11,6 @@ a copy per thread. A tokenizer or vocabulary that does not load is the user's to
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
-import json
 import os
 import tempfile
 import threading
@@ -24,10 +21,6 @@ from apache_beam.io.filesystems import FileSystems
 # The output directory's names live in `output`; re-exported for the writers and verify.
 from beam_pipelines.output import COMPLETED, DEAD_LETTER_DIR, OUTPUT_PATTERNS, STATS, OutputExistsError  # noqa: F401
 from mmt.errors import UserError
-
-#: Modules that register mmt's image tokenizer classes, imported when a saved tokenizer
-#: names a class not registered yet.
-TOKENIZER_MODULES = ("mmt.tokenizers.vqgan", "mmt.tokenizers.dvae")
 
 _lock = threading.Lock()
 _image_tokenizers: dict[str, object] = {}
@@ -52,21 +45,13 @@ class TokenizerInfo:
 
 def import_modules(names: Sequence[str] = ()) -> None:
     """Imports `names` (modules that register tokenizer classes, e.g. plugins or tests)."""
+    from mmt.tokenizers import loading
+
     for name in names:
         try:
-            importlib.import_module(name)
+            loading.import_modules([name])
         except ImportError as e:
             raise TokenizerLoadError(f"--import_modules: cannot import {name!r} ({e}); is it on PYTHONPATH?") from e
-
-
-def _register(class_name: str) -> None:
-    """Imports mmt's own tokenizer modules when `class_name` is not registered yet."""
-    from mmt.tokenizers.image import TOKENIZER_CLASSES
-
-    if class_name not in TOKENIZER_CLASSES:
-        for name in TOKENIZER_MODULES:
-            if importlib.util.find_spec(name) is not None:
-                importlib.import_module(name)
 
 
 def is_remote(path: str) -> bool:
@@ -94,7 +79,8 @@ def load_image_tokenizer(path: str, modules: Sequence[str] = ()):
 
 
 def _load_image_tokenizer(path: str):
-    from mmt.tokenizers.image import CONFIG_FILE, ImageTokenizer
+    from mmt.tokenizers import loading
+    from mmt.tokenizers.image import CONFIG_FILE
 
     fix = f"expected a directory written by ImageTokenizer.save, with {CONFIG_FILE} and the weights"
     if not FileSystems.exists(FileSystems.join(path, CONFIG_FILE)):
@@ -102,9 +88,7 @@ def _load_image_tokenizer(path: str):
         raise TokenizerLoadError(f"--image_tokenizer {path} {what}; {fix}")
     local = _local_copy(path) if is_remote(path) else path
     try:
-        with open(os.path.join(local, CONFIG_FILE)) as handle:
-            _register(str(json.load(handle).get("class")))
-        return ImageTokenizer.load(local)
+        return loading.load_image_tokenizer(local)
     except (OSError, ValueError, KeyError, TypeError) as e:
         # A damaged or foreign directory: its config does not parse, names an unknown
         # class (then --import_modules is missing) or its weights do not fit.
@@ -116,6 +100,7 @@ def load_text_vocab(path: str):
     """The SentencePiece `TextTokenizer` at `path` (a .model file, local or remote)."""
     with _lock:
         if path not in _text_vocabs:
+            from mmt.tokenizers import loading
             from mmt.tokenizers.text import TextTokenizer
 
             try:
@@ -123,7 +108,7 @@ def load_text_vocab(path: str):
                     with FileSystems.open(path, compression_type="uncompressed") as handle:
                         _text_vocabs[path] = TextTokenizer(handle.read(), source=path)
                 else:
-                    _text_vocabs[path] = TextTokenizer.from_file(path)
+                    _text_vocabs[path] = loading.load_text_vocab(path)
             except (OSError, ValueError) as e:  # missing, or not a SentencePiece model
                 raise TokenizerLoadError(f"--text_vocab {path}: {e}; expected a SentencePiece .model "
                                          "file (mmt.tokenizers.text.train_sentencepiece writes one)") from e

@@ -35,14 +35,7 @@ import numpy as np
 
 from mmt.data import shapes
 from mmt.tokenizers.image import ImageTokenizer
-
-# Registers the tokenizer classes `ImageTokenizer.load` may instantiate.
-import mmt.tokenizers.vqgan  # noqa: F401,E402  pylint: disable=unused-import
-
-try:
-    import mmt.tokenizers.dvae  # noqa: F401  pylint: disable=unused-import
-except ImportError:  # a checkout without the dVAE
-    pass
+from mmt.tokenizers.loading import load_image_tokenizer
 
 _ATTRIBUTES = ("exact", "shape", "color", "size", "cell", "count")
 
@@ -154,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     import common  # here, not at the top: the tests load this file by path, without benchmarks/ on sys.path
 
     command = common.print_command(argv)
-    tokenizer = ImageTokenizer.load(args.tokenizer)
+    tokenizer = load_image_tokenizer(args.tokenizer)
     resolution = tokenizer.image_size
     if resolution not in shapes.RESOLUTIONS:
         raise SystemExit(f"error: the tokenizer takes {resolution}x{resolution} images; shapes renders "

@@ -86,6 +86,63 @@ class StackPass:
     heads: int
 
 
+class TokenizerFiles:
+    """A task whose data was made with a saved image tokenizer and a text vocabulary (ITIT, UPGen).
+
+    The task sets `image_tokenizer_path` / `text_vocab_path` from its `image_tokenizer` /
+    `text_vocab` arguments (None skips a check). The data must carry their fingerprints;
+    generation loads them once, through `mmt.tokenizers.loading` like every other user.
+    The messages name the gin bindings `<TaskClass>.<argument>`.
+    """
+
+    image_tokenizer_path: str | None = None
+    text_vocab_path: str | None = None
+    _tokenizers: tuple[Any, Any] | None = None
+
+    @property
+    def image_tokenizer_fingerprint(self) -> str | None:
+        from mmt.tokenizers.loading import image_tokenizer_fingerprint
+
+        return image_tokenizer_fingerprint(self.image_tokenizer_path)
+
+    @property
+    def text_vocab_fingerprint(self) -> str | None:
+        from mmt.tokenizers.loading import text_vocab_fingerprint
+
+        return text_vocab_fingerprint(self.text_vocab_path)
+
+    def tokenizers(self) -> tuple[Any, Any]:
+        """(image tokenizer, text tokenizer), loaded once; needs both paths."""
+        if self._tokenizers is None:
+            from mmt.tokenizers.loading import load_image_tokenizer, load_text_vocab
+
+            if not (self.image_tokenizer_path and self.text_vocab_path):
+                name = type(self).__name__
+                raise ValueError(f"{name}.image_tokenizer and {name}.text_vocab must be set to generate")
+            self._tokenizers = (load_image_tokenizer(self.image_tokenizer_path),
+                                load_text_vocab(self.text_vocab_path))
+        return self._tokenizers
+
+    def network_data_expectations(self, special_text_ids: Mapping[str, int],
+                                  text_vocab_binding: str | None = None) -> DataExpectations:
+        """What the network `self.model` needs from the data (checked against manifests before step 1).
+
+        `special_text_ids`: the ids the network uses; `text_vocab_binding`: what sets its
+        text vocabulary size when not `<TaskClass>.network['text_vocab_size']`.
+        """
+        m, network = self.model, f"{type(self).__name__}.network"
+        return DataExpectations(
+            image_vocab_size=m.image_vocab_size, grid=m.grid, text_vocab_size=m.text_vocab_size,
+            text_length=m.text_length, special_text_ids=dict(special_text_ids),
+            image_tokenizer_fingerprint=self.image_tokenizer_fingerprint,
+            text_vocab_fingerprint=self.text_vocab_fingerprint,
+            bindings={"image_vocab_size": f"{network}['image_vocab_size']", "grid": f"{network}['grid']",
+                      "text_vocab_size": text_vocab_binding or f"{network}['text_vocab_size']",
+                      "text_length": f"{network}['text_length']",
+                      "image_tokenizer_fingerprint": f"{type(self).__name__}.image_tokenizer",
+                      "text_vocab_fingerprint": f"{type(self).__name__}.text_vocab"})
+
+
 def task_arguments(local_variables: Mapping[str, Any]) -> dict[str, Any]:
     """A task's constructor arguments from `locals()` taken first thing in its `__init__`."""
     return {k: v for k, v in local_variables.items() if k not in ("self", "__class__")}

@@ -19,12 +19,15 @@ from mmt.losses.estimators import gumbel_softmax, straight_through_softmax
 from mmt.models import itit_inference
 from mmt.models.itit import ITIT
 from mmt.sampling.mask_schedule import random_mask, truncated_gaussian_mask_ratio
-from mmt.tasks.base import Ratio, StackPass, Task, task_arguments
+from mmt.tasks.base import Ratio, StackPass, Task, TokenizerFiles, task_arguments
 
 CYCLE_MODES = ("off", "baseline", "half", "full")
+#: Inference (ITIT App. B): 24 steps, guidance 2.0, choice temperature 32, beam 4.
+DEFAULT_GENERATION = {"num_steps": 24, "guidance_scale": 2.0, "choice_temperature": 32.0,
+                      "sampling_temperature": 1.0, "beam_size": 4}
 
 
-class ITITTask(Task):
+class ITITTask(TokenizerFiles, Task):
     """ITIT's losses for the trainer. Network arguments go to `ITIT` unchanged.
 
     Args:
@@ -43,7 +46,8 @@ class ITITTask(Task):
         the data must carry its fingerprint; generation decodes tokens with it.
       text_vocab: the SentencePiece model (file or directory) of the text ids.
       generation: defaults of `text_to_image` / `image_to_text` (num_steps,
-        guidance_scale, choice_temperature, sampling_temperature, beam_size).
+        guidance_scale, choice_temperature, sampling_temperature, beam_size), merged over
+        `DEFAULT_GENERATION`.
     """
 
     def __init__(self, network: Mapping | None = None, t2i: bool = True, i2t: bool = True, i2i: bool = True,
@@ -76,53 +80,17 @@ class ITITTask(Task):
         self.t2i_mask_max, self.i2t_mask_max = t2i_mask_max, i2t_mask_max
         self.loss_weights = dict(loss_weights or {})
         self.image_tokenizer_path, self.text_vocab_path = image_tokenizer, text_vocab
-        self.generation = {"num_steps": 24, "guidance_scale": 2.0, "choice_temperature": 32.0,
-                           "sampling_temperature": 1.0, "beam_size": 4, **dict(generation or {})}
+        self.generation = {**DEFAULT_GENERATION, **dict(generation or {})}
         self.pad_id, self.eos_id = self.model.pad_id, self.model.eos_id
-        self._tokenizers = None
 
-    # -- tokenizers (data fingerprints, generation) ---------------------------------------
-
-    @property
-    def image_tokenizer_fingerprint(self) -> str | None:
-        from mmt.tokenizers.loading import image_tokenizer_fingerprint
-
-        return image_tokenizer_fingerprint(self.image_tokenizer_path)
-
-    @property
-    def text_vocab_fingerprint(self) -> str | None:
-        from mmt.tokenizers.text import TextTokenizer
-
-        return TextTokenizer.from_file(self.text_vocab_path).fingerprint() if self.text_vocab_path else None
+    # -- data and generation (tokenizers: `TokenizerFiles`) ------------------------------
 
     def data_expectations(self):
         """What the network needs from the data (checked against manifests before step 1)."""
-        from mmt.tasks.base import DataExpectations
-
         m = self.model
-        text_vocab = ("ITITTask.network['text_vocab_size']" if m.text_encoder_spec == "trainable"
-                      else "ITITTask.network['text_encoder']")
-        return DataExpectations(
-            image_vocab_size=m.image_vocab_size, grid=m.grid, text_vocab_size=m.text_vocab_size,
-            text_length=m.text_length, special_text_ids={"eos_id": m.eos_id, "pad_id": m.pad_id, "bos_id": m.bos_id},
-            image_tokenizer_fingerprint=self.image_tokenizer_fingerprint,
-            text_vocab_fingerprint=self.text_vocab_fingerprint,
-            bindings={"image_vocab_size": "ITITTask.network['image_vocab_size']", "grid": "ITITTask.network['grid']",
-                      "text_vocab_size": text_vocab, "text_length": "ITITTask.network['text_length']",
-                      "image_tokenizer_fingerprint": "ITITTask.image_tokenizer",
-                      "text_vocab_fingerprint": "ITITTask.text_vocab"})
-
-    def tokenizers(self):
-        """(image tokenizer, text tokenizer), loaded once; needs both paths."""
-        if self._tokenizers is None:
-            from mmt.tokenizers.loading import load_image_tokenizer
-            from mmt.tokenizers.text import TextTokenizer
-
-            if not (self.image_tokenizer_path and self.text_vocab_path):
-                raise ValueError("ITITTask.image_tokenizer and ITITTask.text_vocab must be set to generate")
-            self._tokenizers = (load_image_tokenizer(self.image_tokenizer_path),
-                                TextTokenizer.from_file(self.text_vocab_path))
-        return self._tokenizers
+        return self.network_data_expectations(
+            {"eos_id": m.eos_id, "pad_id": m.pad_id, "bos_id": m.bos_id},
+            text_vocab_binding=None if m.text_encoder_spec == "trainable" else "ITITTask.network['text_encoder']")
 
     def text_to_image(self, texts, seed: int = 0, **options):
         """Captions -> uint8 images [N, H, W, 3] (and the int32 [N, h, w] tokens)."""
@@ -374,7 +342,7 @@ def text_conventions(network: dict, text_vocab: str | None) -> dict:
     or mask out an ordinary piece. Without any vocabulary (tests, toy runs) the network's
     own values stand.
     """
-    from mmt.tokenizers.text import TextTokenizer
+    from mmt.tokenizers.loading import load_text_vocab
 
     encoder = network.get("text_encoder", "trainable")
     source, ids = text_vocab, None
@@ -382,7 +350,7 @@ def text_conventions(network: dict, text_vocab: str | None) -> dict:
         source = encoder
     if source:
         try:
-            vocab = TextTokenizer.from_file(source)
+            vocab = load_text_vocab(source)
         except FileNotFoundError:
             if source == text_vocab:
                 raise
@@ -405,4 +373,4 @@ def _flat(tokens):
     return ops.reshape(ops.cast(tokens, "int32"), (shape[0], -1))
 
 
-__all__ = ["CYCLE_MODES", "ITITTask"]
+__all__ = ["CYCLE_MODES", "DEFAULT_GENERATION", "ITITTask"]

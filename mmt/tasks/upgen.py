@@ -31,7 +31,7 @@ from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models import upgen_inference
 from mmt.models.upgen import TEXT, UPGen
 from mmt.sampling.mask_schedule import random_mask, uniform_mask_ratio
-from mmt.tasks.base import Ratio, Task, task_arguments
+from mmt.tasks.base import Ratio, Task, TokenizerFiles, task_arguments
 
 #: UPGen §4.1 / Table 5: image 1.0, paired text 0.1, unpaired text 0.01. Unpaired images
 #: (not used in the paper's main runs) count like paired ones.
@@ -56,7 +56,7 @@ DEFAULT_GENERATION = {
 }
 
 
-class UPGenTask(Task):
+class UPGenTask(TokenizerFiles, Task):
     """UPGen's masked-token losses for the trainer. Network arguments go to `UPGen` unchanged.
 
     Args:
@@ -109,7 +109,6 @@ class UPGenTask(Task):
         self.image_tokenizer_path, self.text_vocab_path = image_tokenizer, text_vocab
         self.pad_id, self.eos_id = self.model.pad_id, self.model.eos_id
         self.compile_inference = bool(compile_inference)
-        self._tokenizers = None
         self._compiled = {}
 
     def build(self):
@@ -195,47 +194,11 @@ class UPGenTask(Task):
     def component_layers(self):
         return {layer.name: layer for layer in self.model._layers if hasattr(layer, "trainable_variables")}
 
-    # -- tokenizers (data fingerprints, generation, probes) ----------------------------
-
-    @property
-    def image_tokenizer_fingerprint(self) -> str | None:
-        from mmt.tokenizers.loading import image_tokenizer_fingerprint
-
-        return image_tokenizer_fingerprint(self.image_tokenizer_path)
-
-    @property
-    def text_vocab_fingerprint(self) -> str | None:
-        from mmt.tokenizers.loading import text_vocab_fingerprint
-
-        return text_vocab_fingerprint(self.text_vocab_path)
+    # -- data (tokenizers, fingerprints: `TokenizerFiles`) ------------------------------
 
     def data_expectations(self):
         """What the network needs from the data (checked against manifests before step 1)."""
-        from mmt.tasks.base import DataExpectations
-
-        m = self.model
-        return DataExpectations(
-            image_vocab_size=m.image_vocab_size, grid=m.grid, text_vocab_size=m.text_vocab_size,
-            text_length=m.text_length, special_text_ids={"eos_id": m.eos_id, "pad_id": m.pad_id},
-            image_tokenizer_fingerprint=self.image_tokenizer_fingerprint,
-            text_vocab_fingerprint=self.text_vocab_fingerprint,
-            bindings={"image_vocab_size": "UPGenTask.network['image_vocab_size']", "grid": "UPGenTask.network['grid']",
-                      "text_vocab_size": "UPGenTask.network['text_vocab_size']",
-                      "text_length": "UPGenTask.network['text_length']",
-                      "image_tokenizer_fingerprint": "UPGenTask.image_tokenizer",
-                      "text_vocab_fingerprint": "UPGenTask.text_vocab"})
-
-    def tokenizers(self):
-        """(image tokenizer, text tokenizer), loaded once; needs both paths."""
-        if self._tokenizers is None:
-            from mmt.tokenizers.loading import load_image_tokenizer
-            from mmt.tokenizers.text import TextTokenizer
-
-            if not (self.image_tokenizer_path and self.text_vocab_path):
-                raise ValueError("UPGenTask.image_tokenizer and UPGenTask.text_vocab must be set to generate")
-            self._tokenizers = (load_image_tokenizer(self.image_tokenizer_path),
-                                TextTokenizer.from_file(self.text_vocab_path))
-        return self._tokenizers
+        return self.network_data_expectations({"eos_id": self.model.eos_id, "pad_id": self.model.pad_id})
 
     # -- generation and features: compiled once per option set ------------------------
 
