@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from beam_pipelines import fetch
 from mmt.errors import VERBOSE_FLAG, UserError
 
-# The split names `mmt.data.features.write_split` accepts.
+# The split names `mmt.data.schema.write_split` accepts.
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 def _shapes_split_fields() -> dict[str, tuple[str, ...]]:

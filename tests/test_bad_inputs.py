@@ -86,8 +86,10 @@ def test_grid_of_the_model_and_the_data_differ(token_data, tmp_path):
 
 def test_text_vocabulary_fingerprint_mismatch(token_data, tiny_data, tmp_path):
     result = _itit(token_data, tmp_path / "run", "GRID = (8, 8)", f"TEXT_VOCAB = '{tiny_data['vocabulary']}'")
+    # All three named: the data (its manifest), the vocabulary (binding and fingerprint) and
+    # the model, whose special ids come from that vocabulary.
     _assert_one_line_error(result, str(token_data / "manifest.json"), "TEXT_VOCAB", "sha256:data-vocab",
-                           tiny_data["vocabulary_fingerprint"])
+                           tiny_data["vocabulary_fingerprint"], "the model takes its special ids from it (eos 1")
 
 
 def test_tokenizer_or_vocabulary_that_does_not_exist(token_data, tmp_path):

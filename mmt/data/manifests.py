@@ -145,7 +145,8 @@ def read_manifest(data_dir: str | os.PathLike) -> Manifest:
     if not tf.io.gfile.exists(path):
         raise FileNotFoundError(
             f"data directory {data_dir} has no {MANIFEST_FILE}; mmt only reads data written with "
-            "mmt.data.features (write_split + write_manifest)"
+            "mmt's data tools (beam_pipelines.tokenize, or mmt.data.schema.write_split + "
+            "mmt.data.manifests.write_manifest)"
         )
     with tf.io.gfile.GFile(path, "r") as f:
         try:

@@ -62,7 +62,7 @@ def stream_problems(expect: DataExpectations, manifest: Any, *, stream: str, fie
 
     Args:
       expect: the task's expectations.
-      manifest: the stream's `mmt.data.features.Manifest`.
+      manifest: the stream's `mmt.data.manifests.Manifest`.
       stream: the stream's name (for messages).
       fields: the fields the stream reads (only those modalities are checked).
       text_length, text_length_binding: the stream's padded text length and its binding.
@@ -96,10 +96,12 @@ def stream_problems(expect: DataExpectations, manifest: Any, *, stream: str, fie
                 f"{info.vocab_size}")
         fingerprint = expect.text_vocab_fingerprint
         if info is not None and fingerprint is not None and info.fingerprint != fingerprint:
+            ids = ", ".join(f"{k.removesuffix('_id')} {v}" for k, v in expect.special_text_ids.items() if v is not None)
+            model = f", and the model takes its special ids from it ({ids})" if ids else ""
             problems.append(
                 f"{where} was made with text vocabulary {info.fingerprint!r}, but the configured "
-                f"{_binding(expect, 'text_vocab_fingerprint')} has fingerprint {fingerprint!r}; re-tokenize the "
-                "data or configure the vocabulary it was made with")
+                f"{_binding(expect, 'text_vocab_fingerprint')} has fingerprint {fingerprint!r}{model}; re-tokenize "
+                "the data or configure the vocabulary it was made with")
         if expect.text_length is not None and int(text_length) != expect.text_length:
             problems.append(
                 f"stream {stream!r} pads text to {text_length} ({describe(text_length_binding)}), but the "
