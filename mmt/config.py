@@ -35,8 +35,17 @@ import gin
 
 from mmt.errors import UserError, describe_binding  # noqa: F401  (part of this module's API)
 
-# The repo's gin/ folder (present in a source checkout and an editable install).
-GIN_DIR = Path(__file__).resolve().parent.parent / "gin"
+
+def _gin_dir() -> Path:
+    """mmt's gin files: shipped inside the package (`mmt/gin`, from a wheel; setup.py maps the
+    repo's gin/ there), else the checkout's gin/ folder (a source tree or an editable install).
+    Never `site-packages/gin`: that is the gin-config package itself."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "gin"
+    return shipped if shipped.is_dir() else here.parent / "gin"
+
+
+GIN_DIR = _gin_dir()
 
 OPERATIVE_CONFIG = "operative_config.gin"
 FULL_CONFIG = "config.gin"
