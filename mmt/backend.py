@@ -260,7 +260,8 @@ def gradient(fn: Callable[[Any], Any], x):
 
         x = x.detach().requires_grad_(True)
         return torch.autograd.grad(fn(x), x)[0]
-    raise NotImplementedError(f"no autodiff seam for the {backend!r} backend")
+    raise ValueError(f"a gradient inside the forward pass (the VQGAN's adaptive GAN weight) needs autodiff, "
+                     f"which the {backend!r} backend lacks; set VQGANTask.adaptive_weight = False")
 
 
 def keep_replica_gradients(optimizer) -> None:
