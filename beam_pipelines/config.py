@@ -101,8 +101,16 @@ class TokenizeConfig:
             raise ValueError(f"--source=shapes: --split must be one of {list(_shapes_split_fields())}")
         if not _SPLIT_NAME.match(self.split_name):
             raise ValueError(f"--split {self.split_name!r} must match {_SPLIT_NAME.pattern}")
-        if "image" in self.modalities and not self.image_tokenizer:
-            raise ValueError(f"split {self.split_name!r} carries images: --image_tokenizer is required")
+        if "image" in self.modalities and not self.image_tokenizer and self.store_image == "none":
+            raise ValueError(
+                f"split {self.split_name!r} carries images, but neither --image_tokenizer (to store VQ tokens) "
+                "nor --store_image=png|jpeg (to store the pixels, which M3AE reads) is given; give one or both")
+        if self.pixels_only and self.source != "shapes" and not self.image_size:
+            raise ValueError(
+                f"--store_image={self.store_image} without --image_tokenizer needs --image_size, the side of "
+                "the stored square images (M3AE: 256)")
+        if self.image_size < 0:
+            raise ValueError(f"--image_size must be positive, got {self.image_size}")
         if "text" in self.modalities and not self.text_vocab:
             raise ValueError(f"split {self.split_name!r} carries text: --text_vocab is required")
         if self.store_image not in STORE_IMAGE:
@@ -123,6 +131,11 @@ class TokenizeConfig:
         if fields is None:
             return _shapes_split_fields()[self.split or "paired"]
         return fields
+
+    @property
+    def pixels_only(self) -> bool:
+        """The split's images are stored as pixels only (`image/encoded`), without VQ tokens."""
+        return "image" in self.modalities and not self.image_tokenizer
 
     @property
     def split_name(self) -> str:
@@ -171,10 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, choices=sorted(SOURCES))
     p.add_argument("--input", default="", help="comma-separated file globs (local or gs://)")
     p.add_argument("--output_dir", required=True, help="the data directory to write (one split per run)")
-    p.add_argument("--image_tokenizer", default="", help="a saved mmt image tokenizer directory")
+    p.add_argument("--image_tokenizer", default="",
+                   help="a saved mmt image tokenizer directory (optional with --store_image: pixels only)")
     p.add_argument("--text_vocab", default="", help="a SentencePiece .model file")
     p.add_argument("--split", default="", help="split name (default: paired / image_only / text_only)")
-    p.add_argument("--image_size", type=int, default=0, help="crop side; must equal the tokenizer's (default)")
+    p.add_argument("--image_size", type=int, default=0,
+                   help="crop side; must equal the tokenizer's (default); required without a tokenizer "
+                   "(shapes: --shapes_resolution)")
     g = p.add_argument_group("columns (tsv, csv, jsonl, text, webdataset .json)")
     g.add_argument("--caption_column", default=d["caption_column"].default)
     g.add_argument("--image_column", default=d["image_column"].default, help="URL or path column")

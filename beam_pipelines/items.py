@@ -89,6 +89,7 @@ class Item:
       original_size: (width, height) of the image as stored, EXIF-rotated.
       pixels: uint8 [S, S, 3], the resized and centre-cropped image.
       tokens: int32 [h, w] VQ tokens of `pixels`.
+      image_encoded: `pixels` as PNG or JPEG (`--store_image`), once compressed.
       text_ids: SentencePiece ids of `caption`, without EOS.
     """
 
@@ -102,6 +103,7 @@ class Item:
     original_size: tuple[int, int] | None = None
     pixels: np.ndarray | None = None
     tokens: np.ndarray | None = None
+    image_encoded: bytes | None = None
     text_ids: tuple[int, ...] | None = None
 
     def replace(self, **changes: Any) -> "Item":

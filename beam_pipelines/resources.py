@@ -116,9 +116,15 @@ def load_text_vocab(path: str):
 
 
 def tokenizer_info(config) -> TokenizerInfo:
-    """Loads the configured tokenizers in the launcher; checks --image_size against them."""
+    """Loads the configured tokenizers in the launcher; checks --image_size against them.
+
+    Without an image tokenizer (`--store_image` alone) the images are stored at
+    `--image_size` (shapes: its own resolution) and no image fingerprint is recorded.
+    """
     info = {}
-    if "image" in config.modalities:
+    if config.pixels_only:
+        info.update(image_size=int(config.image_size or config.shapes_resolution))
+    elif "image" in config.modalities:
         tokenizer = load_image_tokenizer(config.image_tokenizer, config.import_modules)
         if config.image_size and config.image_size != tokenizer.image_size:
             raise UserError(f"--image_size={config.image_size} but the tokenizer in {config.image_tokenizer} "

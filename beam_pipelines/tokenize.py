@@ -10,6 +10,8 @@ README, "Preprocessing with Apache Beam"). The graph:
     Read corpus -> Filter captions -> Load images -> Decode images -> Filter images
       -> Resize and crop -> Tokenize images -> Deduplicate images -> Tokenize text
       -> Encode records -> Write shards
+    (without --image_tokenizer, `--store_image` alone: Compress images instead of
+    Tokenize images; the records carry `image/encoded` and no VQ tokens)
     every stage's drops -> Write dead letters; counts -> Finalize (stats, manifest, COMPLETED)
 
 The output directory holds one split: `{split}-NNNNN-of-NNNNN.tfrecord` in the schema
@@ -78,10 +80,15 @@ def build_pipeline(pipeline, config: TokenizeConfig, info: TokenizerInfo, write_
         stage("Decode images", Stage(transforms.DecodeImagesFn(c, info.image_size)))
         stage("Filter images", Stage(transforms.FilterImagesFn(c)))
         stream = stream | "Resize and crop" >> beam.Map(transforms.resize_item, image_size=info.image_size)
-        stream = stream | "Tokenize images" >> transforms.TokenizeImages(c, info)
+        if c.pixels_only:
+            # No tokenizer (M3AE reads pixels): compress now, so the shuffle that finds
+            # duplicates moves the PNG / JPEG that will be written, not raw pixels.
+            stream = stream | "Compress images" >> beam.Map(transforms.compress_item, store_image=c.store_image)
+        else:
+            stream = stream | "Tokenize images" >> transforms.TokenizeImages(c, info)
         if c.dedupe:
-            # After the tokenizer, so the shuffle that finds duplicates moves a few
-            # hundred token ids per image instead of its pixels.
+            # After the tokenizer (or the compression), so the shuffle that finds
+            # duplicates moves a few hundred token ids per image instead of its pixels.
             stage("Deduplicate images", transforms.DedupeImages())
     if "text" in c.modalities:
         stage("Tokenize text", transforms.TokenizeText(c.text_vocab))

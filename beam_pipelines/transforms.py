@@ -145,6 +145,21 @@ def resize_item(item: Item, image_size: int) -> Item:
     return item.replace(pixels=decode.resize_and_crop(item.pixels, image_size))
 
 
+def compress_image(pixels: np.ndarray, store_image: str) -> bytes:
+    """uint8 [S, S, 3] -> PNG or JPEG (quality 95) bytes, as `image/encoded` stores them."""
+    buffer = io.BytesIO()
+    if store_image == "png":
+        Image.fromarray(pixels).save(buffer, format="PNG")
+    else:
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def compress_item(item: Item, store_image: str) -> Item:
+    """The item with `image_encoded` in place of `pixels` (runs without an image tokenizer)."""
+    return item.replace(image_encoded=compress_image(item.pixels, store_image), pixels=None)
+
+
 class KeepFirstImageFn(beam.DoFn):
     """(content hash, items) -> the items whose image reference sorts first; others dropped.
 
@@ -255,14 +270,9 @@ class EncodeRecordsFn(beam.DoFn):
         self.store_image = store_image
 
     def process(self, item: Item):
-        encoded = None
-        if self.store_image != "none" and item.pixels is not None:
-            buffer = io.BytesIO()
-            if self.store_image == "png":
-                Image.fromarray(item.pixels).save(buffer, format="PNG")
-            else:
-                Image.fromarray(item.pixels).save(buffer, format="JPEG", quality=95)
-            encoded = buffer.getvalue()
+        encoded = item.image_encoded
+        if encoded is None and self.store_image != "none" and item.pixels is not None:
+            encoded = compress_image(item.pixels, self.store_image)
         try:
             serialized = schema.encode_example(
                 item.key, image_tokens=item.tokens, image_encoded=encoded, caption=item.caption,

@@ -6,9 +6,10 @@ In order: the `COMPLETED` marker; `manifest.json`; `stats.json` (inputs = writte
 filtered + dead-lettered, written = the manifest's count, dead-letter lines = filtered
 + dead-lettered); the fingerprints against the given tokenizer and vocabulary; every
 shard's size and checksums; then every record: it parses, its key is unique and hashes
-to the shard it is in, it carries the modalities of its split, its token grid is the
-manifest's, its image tokens and text ids lie inside the vocabularies; and each shard's
-record count is the manifest's.
+to the shard it is in, it carries the modalities of its split (image tokens when the
+manifest records an image tokenizer, `image/encoded` when the run stored images), its
+token grid is the manifest's, its image tokens and text ids lie inside the
+vocabularies; and each shard's record count is the manifest's.
 
 A problem ends the program with one line, `error: ...`, and exit status 2
 (`mmt.errors`); `--verbose` adds the traceback and TensorFlow's start-up logging.
@@ -86,7 +87,13 @@ def _check_fingerprints(manifest, image_tokenizer: str, text_vocab: str, modules
 def _check_record(record: dict, split: str, manifest, modalities: tuple[str, ...]) -> None:
     key = record.get("key")
     where = f"split {split!r}, record {key!r}"
-    if "image" in modalities:
+    stored = manifest.options.get("store_image", "none") != "none"
+    if "image" in modalities and stored and not record.get("image/encoded"):
+        raise VerifyError(f"{where}: no image/encoded, though the run stored images "
+                          f"(--store_image={manifest.options.get('store_image')})")
+    if "image" not in modalities and "image/encoded" in record:
+        raise VerifyError(f"{where}: image/encoded in a split without images")
+    if "image" in modalities and manifest.image_tokenizer is not None:
         info = manifest.image_tokenizer
         if "image/tokens" not in record:
             raise VerifyError(f"{where}: no image/tokens")
@@ -99,7 +106,7 @@ def _check_record(record: dict, split: str, manifest, modalities: tuple[str, ...
             raise VerifyError(f"{where}: image tokens in [{tokens.min()}, {tokens.max()}], outside "
                               f"[0, {info.vocab_size})")
     elif "image/tokens" in record:
-        raise VerifyError(f"{where}: image tokens in a split without images")
+        raise VerifyError(f"{where}: image tokens in a split without an image tokenizer")
     if "text" in modalities:
         ids = record.get("text/ids")
         if ids is None or ids.size == 0 or not record.get("text/caption"):
@@ -123,8 +130,9 @@ def _check_split(data_dir: str, split: str, manifest) -> int:
     if problems:
         path, problem = problems[0]
         raise VerifyError(f"corrupt shard {path}: {problem}")
-    modalities = tuple(m for m, present in (("image", manifest.image_tokenizer), ("text", manifest.text_vocab))
-                       if present)
+    # Recorded since pixels-only runs (no image tokenizer); older manifests imply it.
+    modalities = tuple(manifest.options.get("modalities") or (
+        m for m, present in (("image", manifest.image_tokenizer), ("text", manifest.text_vocab)) if present))
     seen: set[str] = set()
     total = 0
     for index, path in enumerate(paths):

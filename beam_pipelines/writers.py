@@ -205,11 +205,14 @@ class FinalizeFn(beam.DoFn):
             num_records=stats["written"], shards=tuple(name for _, name, _, _ in shards),
             shard_records=tuple(n for _, _, n, _ in shards), shard_bytes=tuple(b for _, _, _, b in shards))
         image = text = None
-        if "image" in c.modalities:
+        if "image" in c.modalities and not c.pixels_only:
             image = manifests.ImageTokenizerInfo(info.image_fingerprint, info.image_grid, info.image_vocab_size)
         if "text" in c.modalities:
             text = manifests.TextVocabInfo(info.text_fingerprint, info.text_vocab_size)
+        # `modalities`: what every record carries, which `verify` checks (a split of
+        # pixels only records no image tokenizer to tell it that it has images).
         options = {**c.to_json(), "pipeline": "beam_pipelines.tokenize", "image_size": info.image_size or None,
+                   "modalities": list(c.modalities),
                    "stats": {k: stats[k] for k in ("inputs", "written", "filtered", "dead_lettered")}}
         manifests.write_manifest(self.write_dir, splits={c.split_name: split}, image_tokenizer=image,
                                 text_vocab=text, options=options)

@@ -66,6 +66,8 @@ CASES = [
      lambda r: ["--source=text", f"--input={r / 'corpus.txt'}", f"--text_vocab={r / 'not_a_model.txt'}",
                 f"--output_dir={r / 'o'}"], "not_a_model.txt"),
     ("tokenizer_missing", "tokenize", lambda r: _paired(r, str(r / "no_tokenizer")), "no_tokenizer"),
+    ("neither_tokens_nor_pixels", "tokenize", lambda r: _paired(r, ""), "--store_image"),
+    ("pixels_without_size", "tokenize", lambda r: _paired(r, "", "--store_image=png"), "--image_size"),
     ("tokenizer_empty_dir", "tokenize", lambda r: _paired(r, str(r / "empty_tokenizer")), "empty_tokenizer"),
     ("output_completed", "tokenize", lambda r: _text(r, f"--output_dir={r / 'done'}"), "--overwrite"),
     ("output_not_writable", "tokenize", lambda r: _text(r, f"--output_dir={r / 'a_file' / 'out'}"), "a_file/out"),

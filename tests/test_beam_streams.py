@@ -1,5 +1,6 @@
 """Text-only and image-only streams, and the command lines (tokenize, verify) end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -92,3 +93,47 @@ def test_command_lines_on_shapes_with_worker_processes(tmp_path):
     assert result.returncode == 0 and "paired 40 records" in result.stdout, result.stderr[-3000:]
     again = _python(*command, cwd=tmp_path)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_pixels_without_an_image_tokenizer(tmp_path):
+    """`--store_image` alone (M3AE reads pixels): image/encoded, no VQ tokens, no image fingerprint."""
+    h.make_vocab(tmp_path / "spm.model")
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = ["caption,path"]
+    for i in range(5):
+        (images / f"{i}.jpg").write_bytes(h.encode(h.smooth_image(i), "JPEG", quality=95))
+        rows.append(f"{h.CAPTIONS[i]},imgs/{i}.jpg")
+    (images / "copy.jpg").write_bytes((images / "3.jpg").read_bytes())
+    rows += ["a copy of picture three,imgs/copy.jpg", "a missing picture,imgs/missing.jpg"]
+    (tmp_path / "corpus.csv").write_text("\n".join(rows) + "\n")
+    stats = tokenize.run(["--source=csv", f"--input={tmp_path / 'corpus.csv'}", "--image_column=path",
+                          f"--output_dir={tmp_path / 'out'}", f"--text_vocab={tmp_path / 'spm.model'}",
+                          "--store_image=png", "--image_size=24", "--min_image_side=16", "--num_shards=2",
+                          *h.beam_args()])
+    assert (stats["inputs"], stats["written"]) == (7, 5)
+    assert stats["filtered_by_reason"] == {"dedupe/duplicate_image": 1}
+    assert stats["dead_lettered_by_reason"] == {"load/missing_file": 1}
+    manifest = manifests.read_manifest(tmp_path / "out")
+    assert manifest.image_tokenizer is None and manifest.text_vocab is not None
+    assert manifest.options["image_size"] == 24 and manifest.options["modalities"] == ["image", "text"]
+    vocab = TextTokenizer.from_file(tmp_path / "spm.model")
+    for record in _records(tmp_path / "out", "paired"):
+        assert set(record) == {"key", "image/encoded", "text/caption", "text/ids"}
+        assert record["image/encoded"].startswith(b"\x89PNG")
+        np.testing.assert_array_equal(record["text/ids"], vocab.tokenize(record["text/caption"])[0])
+    assert verify.verify(str(tmp_path / "out"), text_vocab=str(tmp_path / "spm.model")) == {"paired": 5}
+
+    # Training reads pixels and ids; only the vocabulary's fingerprint is checked.
+    spec = pipeline.StreamSpec(str(tmp_path / "out"), "paired", batch_size=5, fields=("image", "text_ids"),
+                               text_length=16, random_resized_crop=(0.2, 1.0), horizontal_flip=True)
+    batch = next(iter(pipeline.stream_dataset(
+        spec, seed=0, eos_id=1, pad_id=0, expected_image_tokenizer="sha256:any tokenizer",
+        expected_text_vocab=vocab.fingerprint())))
+    assert batch["image"].shape == (5, 24, 24, 3) and batch["image"].dtype == "uint8"
+    with pytest.raises(manifests.FingerprintMismatchError, match="text vocabulary"):
+        pipeline.stream_dataset(spec, seed=0, eos_id=1, pad_id=0, expected_text_vocab="sha256:another")
+    # A pixels-only split read for VQ tokens is refused by name.
+    with pytest.raises(ValueError, match="no image tokenizer"):
+        pipeline.stream_dataset(dataclasses.replace(spec, fields=("image_tokens",), random_resized_crop=None,
+                                                    horizontal_flip=False), seed=0, eos_id=1, pad_id=0)
