@@ -176,6 +176,8 @@ def test_spec_validation(data_dir):
     for bad in ((0.0, 1.0), (0.5, 0.2), (0.2, 1.5), (0.2,), "big"):
         with pytest.raises(ValueError, match="random_resized_crop"):
             pipeline.StreamSpec(data_dir, "same", 8, fields=("image",), random_resized_crop=bad)
+    with pytest.raises(ValueError, match="horizontal_flip must be True or False"):
+        pipeline.StreamSpec(data_dir, "same", 8, fields=("image",), horizontal_flip=0.5)
     with pytest.raises(ValueError, match="does not read"):
         pipeline.StreamSpec(data_dir, "same", 8, fields=("text_ids",), horizontal_flip=True)
     # gin hands lists over; the spec keeps a tuple of floats.

@@ -116,11 +116,16 @@ class StreamSpec:
                 low = high = float("nan")
             if not 0 < low <= high <= 1:
                 raise ValueError(
-                    f"{where}: random_resized_crop must be None or (min, max) area fractions with "
+                    f"{where}: StreamSpec.random_resized_crop must be None or (min, max) area fractions with "
                     f"0 < min <= max <= 1 (MAE: (0.2, 1.0)), got {scale!r}"
                 )
             # gin may hand over a list; a tuple keeps the spec hashable.
             object.__setattr__(self, "random_resized_crop", (low, high))
+        if not isinstance(self.horizontal_flip, bool):
+            raise ValueError(
+                f"{where}: StreamSpec.horizontal_flip must be True or False (MAE flips with probability 1/2), "
+                f"got {self.horizontal_flip!r}"
+            )
         if self.augments and "image" not in self.fields:
             raise ValueError(
                 f"{where}: random_resized_crop / horizontal_flip augment the `image` field, which this "
