@@ -53,3 +53,8 @@ gin.external_configurable(ITITTask, "ITITTask")
 from mmt.tasks.upgen import UPGenTask  # noqa: E402
 
 gin.external_configurable(UPGenTask, "UPGenTask")
+
+# M3AE and MAE (issue 19).
+from mmt.tasks.m3ae import M3AETask  # noqa: E402
+
+gin.external_configurable(M3AETask, "M3AETask")

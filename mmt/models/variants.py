@@ -87,3 +87,40 @@ UPGEN_SIZES = {
 def upgen_size(name: str, **overrides) -> UPGenSize:
     """The named UPGen size with `overrides` applied (unknown names fail with the choices)."""
     return _variant("UPGen", UPGEN_SIZES, name, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class M3AESize:
+    """M3AE's ViT encoder and its light MAE decoder (M3AE §4.2, App. A.3).
+
+    S / B / L are ViT-S/16 (Touvron et al., 2021: 12 x 384, 6 heads), ViT-B/16 and
+    ViT-L/16 (Dosovitskiy et al., 2021, Table 1: 12 x 768 / 24 x 1024, heads of 64,
+    MLP 4x); every decoder has MAE's 8 blocks of width 512 with 16 heads (MAE §3, App.
+    A.1). The encoders have 21.7M / 85.6M / 303.1M parameters with their patch
+    projection and CLS token (`--dry_run`: "vit_encoder").
+
+    tiny (our choice, for 64x64 shapes on 2 CPU cores): 8x8 patches, a 4-block 128-wide
+    encoder and a 2-block 128-wide decoder.
+    """
+
+    width: int
+    depth: int
+    heads: int
+    patch_size: int = 16
+    decoder_width: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mlp_ratio: int = 4
+
+
+M3AE_SIZES = {
+    "tiny": M3AESize(width=128, depth=4, heads=4, patch_size=8, decoder_width=128, decoder_depth=2, decoder_heads=4),
+    "S": M3AESize(width=384, depth=12, heads=6),
+    "B": M3AESize(width=768, depth=12, heads=12),
+    "L": M3AESize(width=1024, depth=24, heads=16),
+}
+
+
+def m3ae_size(name: str, **overrides) -> M3AESize:
+    """The named M3AE size with `overrides` applied (unknown names fail with the choices)."""
+    return _variant("M3AE", M3AE_SIZES, name, overrides)
