@@ -2,14 +2,16 @@
 
     python -m mmt.evaluate linear_probe --workdir=/tmp/upgen_tiny [--train_examples=1000] [--test_examples=500]
     python -m mmt.evaluate linear_probe --workdir=/tmp/upgen_tiny --all_layers --untrained
+    python -m mmt.evaluate linear_probe --workdir=/tmp/m3ae_tiny --pooling=mean
 
 `linear_probe`: frozen image features of the task (`task.image_features`, e.g. UPGen's
 mean-pooled image-token outputs without text) -> one linear classifier per shapes
 attribute of the main object (shape, colour, cell) and the object count
 (`mmt.evaluation.linear_probe`). `--all_layers` concatenates every block's pooled
 output (UPGen §4.2); `--untrained` probes the freshly initialised network of the same
-config, the baseline the trained features should beat. Prints a table and writes the
-results as JSON to `--output` (default `{workdir}/eval/linear_probe[_all_layers][_untrained].json`).
+config, the baseline the trained features should beat. `--pooling` picks M3AE / MAE's
+feature: the CLS token (default, M3AE App. A.3) or the patch tokens' mean. Prints a table and writes the
+results as JSON to `--output` (default `{workdir}/eval/linear_probe[_mean][_all_layers][_untrained].json`).
 
     python -m mmt.evaluate fid --workdir=/tmp/itit --captions=captions.txt --reference_stats=ref.npz --inception_weights=W
     python -m mmt.evaluate captions --workdir=/tmp/itit --image_dir=val2014 --references=captions_test.json
@@ -19,6 +21,7 @@ results as JSON to `--output` (default `{workdir}/eval/linear_probe[_all_layers]
 
 from __future__ import annotations
 
+import inspect
 import json
 import shlex
 import sys
@@ -40,20 +43,26 @@ def linear_probe(args) -> int:
         raise UserError(f"{args.workdir} holds a {type(task).__name__}, which has no image_features (frozen "
                         "features for a probe); probe a workdir of a model that has (e.g. UPGen)")
     check_tokenizers(task)
-    resolution = task.tokenizers()[0].image_size
+    resolution = getattr(task, "image_resolution", None) or task.tokenizers()[0].image_size
+    options = {"all_layers": args.all_layers}
+    if args.pooling is not None:
+        if "pooling" not in inspect.signature(task.image_features).parameters:
+            raise UserError(f"{type(task).__name__}.image_features has one pooling; drop --pooling")
+        options["pooling"] = args.pooling
     print(f"{type(task).__name__} at step {step}{' (untrained)' if args.untrained else ''}: probing "
           f"{args.train_examples} / {args.test_examples} shapes images at {resolution}x{resolution}", flush=True)
-    results = probe_lib.linear_probe(lambda images: task.image_features(images, all_layers=args.all_layers),
+    results = probe_lib.linear_probe(lambda images: task.image_features(images, **options),
                                      resolution, train_examples=args.train_examples,
                                      test_examples=args.test_examples, seed=args.seed)
     print(f"{'attribute':<10} {'accuracy':>9} {'chance':>7}")
     for name in (*probe_lib.ATTRIBUTES, "mean"):
         print(f"{name:<10} {results[name]['accuracy']:>9.3f} {results[name]['chance']:>7.3f}")
-    suffix = ("_all_layers" if args.all_layers else "") + ("_untrained" if args.untrained else "")
+    suffix = (f"_{args.pooling}" if args.pooling not in (None, "cls") else "") + (
+        "_all_layers" if args.all_layers else "") + ("_untrained" if args.untrained else "")
     output = Path(args.output or Path(args.workdir) / "eval" / f"linear_probe{suffix}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": "python -m mmt.evaluate " + " ".join(shlex.quote(a) for a in args.argv), "step": step,
-              "untrained": args.untrained, "all_layers": args.all_layers, "results": results}
+              "untrained": args.untrained, "all_layers": args.all_layers, "pooling": args.pooling, "results": results}
     output.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {output}")
     return 0
@@ -70,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("--train_examples", type=int, default=1000)
     probe.add_argument("--test_examples", type=int, default=500)
     probe.add_argument("--all_layers", action="store_true", help="concatenate every block's pooled output")
+    probe.add_argument("--pooling", choices=("cls", "mean"), default=None,
+                       help="image features' pooling, for tasks that offer a choice (M3AE / MAE: CLS token, "
+                       "the default, or the patch tokens' mean)")
     probe.add_argument("--untrained", action="store_true", help="the initial weights instead of the checkpoint")
     probe.add_argument("--seed", type=int, default=0, help="seed of the shapes images")
     probe.add_argument("--output", default=None)

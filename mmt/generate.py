@@ -3,11 +3,15 @@
     python -m mmt.generate --workdir=/tmp/itit_tiny --prompt="a large red circle in the top left"
     python -m mmt.generate --workdir=/tmp/itit_tiny --image=photo.png --image=other.png
     python -m mmt.generate --workdir=/tmp/upgen_tiny --unconditional=8
+    python -m mmt.generate --workdir=/tmp/m3ae_tiny --image=photo.png [--caption="a red circle"]
 
 Images go to `--output` (default `{workdir}/generated/`) as PNGs named after their
 prompt, with `prompts.json`; captions are printed and written to `captions.json`;
 unconditional samples (tasks with an `unconditional_images` hook, e.g. UPGen) are
-`unconditional_NNN.png`. Sampling options (`--num_steps`, `--guidance_scale`,
+`unconditional_NNN.png`. For a masked autoencoder (M3AE / MAE: a task with a
+`reconstruct` hook) `--image` writes `reconstruction_NNN_<name>.png`, masked input |
+reconstruction | original side by side, and `--caption` (one per image, or one for all)
+has the masked words of the caption filled in from the image (`captions.json`). Sampling options (`--num_steps`, `--guidance_scale`,
 `--choice_temperature`, `--beam_size`) default to the task's gin-bound `generation`
 settings; they apply to images (the task's own text settings caption).
 """
@@ -37,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--prompt", action="append", default=[], help="text -> image (repeatable)")
     parser.add_argument("--image", action="append", default=[], help="image file -> caption (repeatable)")
+    parser.add_argument("--caption", action="append", default=[],
+                        help="with --image, for a masked autoencoder (M3AE): fill masked words of this caption "
+                        "(repeatable: one per image, or one for all)")
     parser.add_argument("--unconditional", type=int, default=0, help="this many images from nothing")
     parser.add_argument("--output", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -48,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.prompt or args.image or args.unconditional):
         parser.error("give at least one --prompt, --image or --unconditional")
 
+    if args.caption and (not args.image or len(args.caption) not in (1, len(args.image))):
+        parser.error("--caption needs --image, and one caption per --image (or one for all)")
     for path in args.image:
         if not Path(path).is_file():
             raise UserError(f"--image {path}: no such file")
@@ -58,7 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmt.restore import load_trained
 
     task, step = load_trained(args.workdir)
-    hooks = ((["text_to_image"] if args.prompt else []) + (["image_to_text"] if args.image else [])
+    reconstructs = hasattr(task, "reconstruct")
+    hooks = ((["text_to_image"] if args.prompt else [])
+             + (["image_to_text"] if args.image and not reconstructs else [])
+             + (["fill_caption"] if args.caption else [])
              + (["unconditional_images"] if args.unconditional else []))
     for hook in hooks:
         if not hasattr(task, hook):
@@ -82,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: {prompt}")
         (output / "prompts.json").write_text(json.dumps(names, indent=2) + "\n")
     if args.image:
-        size = task.tokenizers()[0].image_size
+        size = getattr(task, "image_resolution", None) or task.tokenizers()[0].image_size
         pixels = []
         for path in args.image:
             try:
@@ -90,11 +102,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pixels.append(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), np.uint8))
             except (UnidentifiedImageError, OSError) as e:
                 raise UserError(f"--image {path}: not a readable image ({e})") from e
-        extra = {"seed": args.seed} if "seed" in inspect.signature(task.image_to_text).parameters else {}
-        captions = task.image_to_text(np.stack(pixels), beam_size=args.beam_size, **extra)
-        for path, caption in zip(args.image, captions):
-            print(f"{path}: {caption}")
-        (output / "captions.json").write_text(json.dumps(dict(zip(args.image, captions)), indent=2) + "\n")
+        pixels = np.stack(pixels)
+        if reconstructs:
+            masked, reconstruction = task.reconstruct(pixels, seed=args.seed)
+            for i, path in enumerate(args.image):
+                name = f"reconstruction_{i:03d}_{_slug(Path(path).stem)}.png"
+                Image.fromarray(np.concatenate([masked[i], reconstruction[i], pixels[i]], axis=1)).save(output / name)
+                print(f"{path}: {name} (masked input | reconstruction | original)")
+            if args.caption:
+                captions = args.caption * len(args.image) if len(args.caption) == 1 else args.caption
+                shown, filled = task.fill_caption(pixels, captions, seed=args.seed)
+                record = {}
+                for path, caption, hidden, text in zip(args.image, captions, shown, filled):
+                    print(f"{path}: {hidden!r} -> {text!r}")
+                    record[path] = {"caption": caption, "masked": hidden, "filled": text}
+                (output / "captions.json").write_text(json.dumps(record, indent=2) + "\n")
+        else:
+            extra = {"seed": args.seed} if "seed" in inspect.signature(task.image_to_text).parameters else {}
+            captions = task.image_to_text(pixels, beam_size=args.beam_size, **extra)
+            for path, caption in zip(args.image, captions):
+                print(f"{path}: {caption}")
+            (output / "captions.json").write_text(json.dumps(dict(zip(args.image, captions)), indent=2) + "\n")
     if args.unconditional:
         options.pop("guidance_scale", None)  # nothing to guide by
         images, _ = task.unconditional_images(args.unconditional, seed=args.seed, **options)
