@@ -19,7 +19,7 @@ from mmt import backend
 from mmt.layers import masking
 from mmt.layers.patches import patchify, unpatchify
 from mmt.models.m3ae import M3AE
-from mmt.tasks.base import Ratio, StepSeed
+from mmt.tasks.base import Ratio, StepSeed, parameter_breakdown
 from mmt.tasks.m3ae import M3AETask
 from harness import assert_no_tensorflow, jax_check
 from tolerances import assert_close_to_scale, reordered_sum_rtol
@@ -263,6 +263,61 @@ def test_reconstruct_fill_caption_and_features_hooks(tiny_data):
     assert task.image_features(images, all_layers=True).shape == (B, 32)  # one block
     summary = task.image_summaries({"image_only": {"image": images}}, 3)["reconstruction"]
     assert summary.shape == (B, R, 3 * R, 3)
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["m3ae_b", "mae_s"])
+def test_paper_configs_bind_maes_recipe_and_the_encoders_are_vit_sized(name):
+    import gin
+
+    from mmt import config as mmt_config
+    from mmt import configurables
+
+    mmt_config.parse([str(REPO / "gin" / f"{name}.gin")], ["DATA_DIR = 'unused'"])
+    q = gin.query_parameter
+    assert (q("AdamW.weight_decay"), q("AdamW.beta_1"), q("AdamW.beta_2")) == (0.05, 0.9, 0.95)
+    assert q("%PEAK_LEARNING_RATE") == pytest.approx(1.5e-4 * 4096 / 256)  # MAE Table 8, linear scaling
+    assert q("%PAIRED_BATCH") == 4096 and q("%IMAGE_MASK_RATIO") == q("%TEXT_MASK_RATIO") == 0.75
+    assert q("M3AETask.loss_weights") == {"image": 1.0, "text": 0.5} and q("%NORM_PIX_LOSS")
+    assert q("%USE_TEXT") == (name == "m3ae_b")
+    task = configurables.Trainer().task_factory()
+    m = task.model
+    task.build()
+    rows = {n: t for n, t, _ in parameter_breakdown(task.component_layers())}
+    want = {"m3ae_b": 86e6, "mae_s": 22e6}[name]  # ViT-B/16, ViT-S/16 (DeiT)
+    assert abs(rows["vit_encoder"] - want) <= 0.05 * want, rows
+    assert (m.cfg.decoder_depth, m.cfg.decoder_width, m.cfg.decoder_heads) == (8, 512, 16)
+    assert (m.text_head is None) == (name == "mae_s")
+
+
+@pytest.mark.slow
+def test_tiny_gin_config_loss_decreases_in_a_few_steps():
+    from mmt import config as mmt_config
+
+    mmt_config.parse([str(REPO / "gin" / "m3ae_tiny.gin")], [
+        "DATA_DIR = 'unused'", f"IMAGE_SIZE = {R}", f"TEXT_VOCAB_SIZE = {V}", f"TEXT_LENGTH = {L}",
+        "SIZE_OVERRIDES = {'patch_size': 4, 'width': 32, 'depth': 1, 'decoder_width': 32, 'decoder_depth': 1}",
+        "WARMUP_STEPS = 2", "TRAIN_STEPS = 12", "PEAK_LEARNING_RATE = 0.003", "Trainer.mode = 'graph'"])
+    from mmt import configurables
+
+    trainer = configurables.Trainer()
+    trainer.build()
+    assert set(trainer.streams) == {"paired", "image_only", "text_only"}
+    batch = tf.nest.map_structure(tf.constant, _batch())
+    task = trainer.task
+
+    def fixed_mask_loss():  # the weighted total under one fixed draw of masks
+        losses = task.compute_losses(batch, tf.constant(0, tf.int64), _seed(7, 11))
+        return sum(float(task.loss_weights.get(n, 1.0)) * float(v.numerator / v.denominator)
+                   for n, v in losses.items() if n in ("image", "text"))
+
+    before = fixed_mask_loss()
+    for _ in range(12):
+        _, applied = trainer.train_step(batch)
+        assert bool(applied)
+    assert fixed_mask_loss() < 0.9 * before
 
 
 # -- the command-line chain on real records ------------------------------------------------------------
