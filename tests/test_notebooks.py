@@ -21,8 +21,8 @@ NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 CELL_TIMEOUT = 300  # seconds per cell, at tiny settings on 2 busy cores
 MAX_CELL_LINES = 25
 ALLOWED_IMPORTS = {"mmt", "beam_pipelines", "numpy", "IPython"}
-GRAPH = "Trainer.mode = 'graph'"  # no XLA compile for a few steps
-TINY_STEPS = ["Trainer.checkpoint_every = 2", "Trainer.log_every = 1", "Trainer.image_every = 0", GRAPH]
+EAGER = "Trainer.mode = 'eager'"  # a few steps: tracing a graph costs more than it saves
+TINY_STEPS = ["Trainer.checkpoint_every = 2", "Trainer.log_every = 1", "Trainer.image_every = 0", EAGER]
 
 #: notebook stem -> (source of the injected cell, keys the last JSON line printed must hold).
 TINY = {
@@ -129,7 +129,10 @@ def _execute(path: Path, workdir: Path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
                                      resources={"metadata": {"path": str(workdir)}})
-    client.execute(env=env)
+    try:
+        client.execute(env=env)
+    finally:  # the executed notebook, outputs and all, for a look after a failure
+        nbformat.write(notebook, workdir / f"executed_{path.name}")
     return notebook
 
 
