@@ -274,6 +274,10 @@ def test_save_grid_writes_a_png_of_the_expected_size(tmp_path):
     np.testing.assert_array_equal(first[::3, ::3], examples[0].image)
     with pytest.raises(ValueError, match="captions"):
         shapes.save_grid([examples[0].image], [], path)
+    # A batch as `text_to_image` returns it (uint8 [N, R, R, 3]) works like a list.
+    batch = np.stack([e.image for e in examples])
+    shapes.save_grid(batch, [e.caption for e in examples], tmp_path / "batch.png", columns=4, scale=3)
+    assert (tmp_path / "batch.png").read_bytes() == path.read_bytes()
 
 
 def test_tfds_builder_works_offline(tmp_path):

@@ -233,7 +233,7 @@ def save_grid(images: Sequence[np.ndarray], captions: Sequence[str], path, colum
       columns: tiles per row.
       scale: integer upscaling factor.
     """
-    if len(images) != len(captions) or not images:
+    if len(images) != len(captions) or len(images) == 0:
         raise ValueError(f"save_grid needs as many captions as images, and at least one: "
                          f"{len(images)} images, {len(captions)} captions")
     if columns < 1 or scale < 1:
