@@ -44,6 +44,12 @@ PROMPTS = PROMPTS[:2]
 IMAGES, VQGAN_STEPS, DVAE_STEPS = 32, 2, 2
 TRAINER_PARAMS = {TINY_STEPS!r}
 """, {"vqgan", "dvae"}),
+    "m3ae": (f"""
+EXAMPLES = {{"paired": 32, "image_only": 32, "text_only": 32, "eval": 8}}
+M3AE_STEPS, EVAL_IMAGES, PROBE_TRAIN, PROBE_TEST = 2, 2, 48, 24
+TRAINER_PARAMS = {TINY_STEPS!r}
+M3AE_PARAMS = ["PAIRED_BATCH = 8", "IMAGE_ONLY_BATCH = 4", "TEXT_ONLY_BATCH = 4"]
+""", {"step", "filled", "probe"}),
     "beam": ("""
 NUM_IMAGES = 24
 BEAM_FLAGS = ["--direct_running_mode=in_memory"]
@@ -125,7 +131,9 @@ def _execute(path: Path, workdir: Path):
     injected.metadata["tags"] = ["injected-parameters"]
     notebook.cells.insert(index + 1, injected)
     # The kernel (this interpreter) sees this checkout whether or not mmt is installed from it.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # One BLAS thread: numpy's tiny products (the linear probe's L-BFGS in m3ae.ipynb) ran 15-20x
+    # slower with a thread per core on busy cores. TensorFlow has its own thread pools.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", OPENBLAS_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
                                      resources={"metadata": {"path": str(workdir)}})
@@ -158,5 +166,11 @@ def test_notebook_runs_headless_at_tiny_settings(path, tmp_path):
         stats = result["stats"]
         assert stats["inputs"] == stats["written"] + stats["filtered"] + stats["dead_lettered"]
         assert stats["dead_lettered"] > 0 and stats["filtered"] > 0 and stats["written"] > 0
+    if path.stem == "m3ae":  # two eval captions filled; both poolings probed on every attribute
+        assert result["step"] == 2 and len(result["filled"]) == 2 and all(result["filled"])
+        assert set(result["probe"]) == {"cls", "mean"}
+        for accuracies in result["probe"].values():
+            assert set(accuracies) == {"shape", "color", "cell", "count", "mean"}
+            assert all(0.0 <= a <= 1.0 for a in accuracies.values())
     if path.stem == "tokenizers":
         assert result["vqgan"]["grid"] == [16, 16] and result["dvae"]["grid"] == [16, 16]
