@@ -84,16 +84,23 @@ class M3AE(keras.Model):
         self.dropout, self.drop_path, self.pad_id = float(dropout), float(drop_path), int(pad_id)
         width, dec = cfg.width, cfg.decoder_width
         # Encoder.
+        # The fixed sin-cos positions have unit amplitude and the patch projection of
+        # normalised pixels gives ~unit features; BERT's N(0, 0.02) text and type tables
+        # would be ~50x smaller and the input mostly position (UPGen measured this: its
+        # model barely read the caption, mmt/models/upgen.py). N(0, 1) puts all on one scale.
+        unit = keras.initializers.RandomNormal(stddev=1.0)
         self.patch_embedding = PatchEmbedding(width, name="patch_embedding")
         self.cls_token = LearnedToken(width, name="cls_token")
-        self.modality_embedding = ModalityEmbedding(2, width, name="modality_embedding")
-        self.text_embedding = TokenEmbedding(self.text_vocab_size, width, name="text_embedding") if use_text else None
+        self.modality_embedding = ModalityEmbedding(2, width, initializer=unit, name="modality_embedding")
+        self.text_embedding = TokenEmbedding(self.text_vocab_size, width, embeddings_initializer=unit,
+                                             name="text_embedding") if use_text else None
         self.encoder = TransformerStack(cfg.depth, cfg.heads, cfg.mlp_ratio * width, dropout=dropout,
                                         drop_path=drop_path, name="encoder")
         # Decoder (MAE §3: a linear projection to its width first).
         self.decoder_projection = keras.layers.Dense(dec, name="decoder_projection")
         self.mask_token = LearnedToken(dec, name="mask_token")
-        self.decoder_modality_embedding = ModalityEmbedding(2, dec, name="decoder_modality_embedding")
+        self.decoder_modality_embedding = ModalityEmbedding(2, dec, initializer=unit,
+                                                            name="decoder_modality_embedding")
         self.decoder = TransformerStack(cfg.decoder_depth, cfg.decoder_heads, cfg.mlp_ratio * dec,
                                         dropout=dropout, drop_path=drop_path, name="decoder")
         self.image_head = keras.layers.Dense(self.patch_dim, dtype="float32", name="image_head")
