@@ -33,9 +33,9 @@ from mmt.layers import (
     padding_mask,
     prefix_mask,
 )
+from mmt.layers import masking
 from mmt.models.text_encoders import T5TextEncoder, TrainableTextEncoder
 from mmt.models.variants import ITITSize, itit_size
-from mmt import backend
 
 
 @keras.saving.register_keras_serializable(package="mmt")
@@ -142,13 +142,7 @@ class ITIT(keras.Model):
           int32 [B, K]: a permutation of positions -- unmasked first, then masked in
           random order; the first `K - num_dropped` are kept.
         """
-        if seed is None:  # golden-ratio sequence: a fixed, evenly spread "random" order
-            positions = ops.cast(ops.arange(self.num_image_tokens), "float32")
-            noise = ops.broadcast_to((positions * 0.6180339887) % 1.0, ops.shape(mask))
-        else:
-            noise = backend.uniform(ops.shape(mask), seed)
-        key = noise + ops.where(mask, 0.0, -2.0)
-        return ops.cast(ops.argsort(key, axis=-1), "int32")
+        return masking.keep_order(mask, seed)
 
     def embed_image(self, tokens=None, soft=None, mask=None, order=None):
         """Encoder input for the image: float [B, K_in, D] in `order`'s first K_in positions.
@@ -173,8 +167,7 @@ class ITIT(keras.Model):
         x = self.image_position(x)
         if order is None:
             return x
-        keep = order[:, : self.num_image_tokens - self.num_dropped]
-        return ops.take_along_axis(x, keep[..., None], axis=1)
+        return masking.gather_kept(x, order, self.num_image_tokens - self.num_dropped)
 
     def encode(self, image_input, text_features, text_valid, training=False):
         """[image_input; projected text] through the encoder.
@@ -199,12 +192,7 @@ class ITIT(keras.Model):
         kept = ops.shape(x)[1] - self.text_length
         image, text = x[:, :kept], x[:, kept:]
         if order is not None:
-            batch = ops.shape(x)[0]
-            filler = ops.broadcast_to(ops.cast(self.image_decoder_mask_token, image.dtype),
-                                      (batch, k - kept, self.cfg.decoder_width))
-            in_order = ops.concatenate([image, filler], axis=1)  # positions order[:, i]
-            restore = ops.argsort(order, axis=-1)  # where each position sits in `order`
-            image = ops.take_along_axis(in_order, restore[..., None], axis=1)
+            image = masking.restore_order(image, order, self.image_decoder_mask_token)
         image = self.image_decoder_position(image)
         x = ops.concatenate([image, text], axis=1)
         full_valid = ops.concatenate([ops.ones((ops.shape(x)[0], k), "bool"), valid[:, kept:]], axis=1)
