@@ -72,14 +72,9 @@ def finished(run: Path, steps: int) -> bool:
 def train_command(model: str, run: Path, data: dict, steps: int, seed: int, gin_params=()) -> list[str]:
     params = [f"DATA_DIR='{data['data_dir']}'", f"TRAIN_STEPS={steps}", f"WARMUP_STEPS={max(1, round(0.05 * steps))}",
               f"Trainer.seed={seed}", "Trainer.progress_bar=False", *gin_params]
-    flags = []
     if model == "m3ae":
         params.insert(1, f"TEXT_VOCAB='{data['vocabulary']}'")
-    else:
-        # gin/mae_tiny.gin includes gin/m3ae_tiny.gin, whose text_only stream bindings MAE
-        # does not build; mmt.train refuses unused bindings without this flag.
-        flags.append("--allow_unused_bindings")
-    return ["-m", "mmt.train", f"--gin_file={MODELS[model]}", f"--workdir={run}", *flags,
+    return ["-m", "mmt.train", f"--gin_file={MODELS[model]}", f"--workdir={run}",
             *[f"--gin_param={p}" for p in params]]
 
 

@@ -292,6 +292,20 @@ def test_paper_configs_bind_maes_recipe_and_the_encoders_are_vit_sized(name):
     assert (m.text_head is None) == (name == "mae_s")
 
 
+@pytest.mark.parametrize("name, streams", [("m3ae_tiny", 3), ("mae_tiny", 2)])
+def test_tiny_configs_use_every_binding(name, streams, tmp_path, capsys):
+    # mmt.train refuses a binding the run never builds: MAE must not inherit M3AE's
+    # text-only stream (gin/run/m3ae_tiny_shapes.gin holds what both share).
+    from mmt import train
+    from mmt.errors import run_main
+
+    status = run_main(train.main, [f"--gin_file={REPO / 'gin' / (name + '.gin')}", "--gin_param=DATA_DIR='unused'",
+                                   f"--workdir={tmp_path / 'run'}", "--dry_run"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-2000:]
+    assert captured.out.count("/StreamSpec()") == streams, captured.out
+
+
 @pytest.mark.slow
 def test_tiny_gin_config_loss_decreases_in_a_few_steps():
     from mmt import config as mmt_config
