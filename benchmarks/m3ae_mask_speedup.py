@@ -52,7 +52,6 @@ from keras import ops
 from mmt.layers import padding_mask
 from mmt.layers.embeddings import sinusoidal_positions, sinusoidal_positions_2d
 from mmt.layers.patches import LearnedToken
-from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models.m3ae import IMAGE, TEXT, M3AE
 from mmt.optimizers import Constant
 from mmt.tasks.m3ae import M3AETask
@@ -156,17 +155,7 @@ class FullEncoderM3AETask(M3AETask):
         z = self.encode_all(patches, text_ids, image_keep, text_keep, training)
         # Keeps None: the decoder takes the encoder's output at every position, in order.
         pixels, logits = m.decode(z, patches is not None, text_ids, None, None, training=training)
-        out = {}
-        if patches is not None:
-            error = ops.mean(ops.square(pixels - self.pixel_targets(patches)), axis=-1)
-            weights = ops.cast(image_keep.masked, "float32")
-            out["image"] = (ops.sum(error * weights), ops.sum(weights))
-        if text_ids is not None:
-            out["text"] = masked_cross_entropy(logits, text_ids, text_keep.masked)
-            right = ops.equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), ops.cast(text_ids, "int32"))
-            correct = ops.sum(ops.cast(ops.logical_and(right, text_keep.masked), "float32"))
-            out["text_accuracy"] = (correct, out["text"][1])
-        return out
+        return self.masked_losses(pixels, logits, patches, text_ids, image_keep, text_keep)
 
 
 # -- timing --------------------------------------------------------------------------------

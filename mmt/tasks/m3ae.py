@@ -115,6 +115,18 @@ class M3AETask(Task):
         image_keep, text_keep = m.random_keeps(text_ids, batch, seed, image=patches is not None)
         z, _ = m.encode(patches, text_ids, image_keep, text_keep, training=training)
         pixels, logits = m.decode(z, patches is not None, text_ids, image_keep, text_keep, training=training)
+        out = self.masked_losses(pixels, logits, patches, text_ids, image_keep, text_keep)
+        if self.contrastive and patches is not None and text_ids is not None:
+            out["contrastive"] = self.contrastive_loss(patches, text_ids, image_keep, text_keep, training)
+        return out
+
+    def masked_losses(self, pixels, logits, patches, text_ids, image_keep, text_keep) -> dict:
+        """The losses on masked positions only, as (sum, count) pairs (M3AE §3.2).
+
+        `pixels` float [B, K, P] predicted patches, `logits` float [B, L, V]; `image_keep` /
+        `text_keep` from `random_keeps` (None for an absent modality). Returns `image`
+        (per-patch MSE), `text` (cross-entropy) and `text_accuracy` for the modalities present.
+        """
         out = {}
         if patches is not None:
             error = ops.mean(ops.square(pixels - self.pixel_targets(patches)), axis=-1)  # [B, K] per patch
@@ -125,8 +137,6 @@ class M3AETask(Task):
             right = ops.equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), ops.cast(text_ids, "int32"))
             correct = ops.sum(ops.cast(ops.logical_and(right, text_keep.masked), "float32"))
             out["text_accuracy"] = (correct, out["text"][1])
-        if self.contrastive and patches is not None and text_ids is not None:
-            out["contrastive"] = self.contrastive_loss(patches, text_ids, image_keep, text_keep, training)
         return out
 
     def contrastive_loss(self, patches, text_ids, image_keep, text_keep, training):
