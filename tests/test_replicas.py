@@ -93,3 +93,26 @@ def test_two_replicas_step_is_the_shard_seeded_step_of_one(tmp_path):
     rtol = reordered_sum_rtol(BATCH * LENGTH + 1, steps=1)
     assert_close_to_scale([np.array(v) for v in two.task.model.trainable_variables], [np.array(v) for v in variables],
                           rtol, "weights")
+
+
+def test_cpu_mirrored_strategies_in_one_process_do_not_share_collective_keys():
+    """Two CPU-mirrored strategies in one process, each summing tensors of its own shape.
+
+    With TensorFlow's default collective all-reduce, both strategies number their ops
+    from the same keys and the second fails with "Shape mismatch in the collective
+    instance" (seen when pytest put two replica tests in one worker).
+    """
+    for width in (3, 5):
+        strategy = distribute.make_strategy(cpu_replicas=REPLICAS)
+
+        @tf.function
+        def step(width=width):
+            def replica_fn():
+                ctx = tf.distribute.get_replica_context()
+                value = tf.fill([width], tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32))
+                return ctx.all_reduce("sum", value)
+            return strategy.run(replica_fn)
+
+        summed = strategy.experimental_local_results(step())
+        for result in summed:  # 1 + 2 on every element, on every replica
+            np.testing.assert_array_equal(result.numpy(), np.full([width], 3.0, np.float32))

@@ -70,7 +70,14 @@ def make_strategy(tpu: str | None = None, *, cpu_replicas: int | None = None) ->
                 f"cpu_replicas={cpu_replicas} but only {len(cpus)} logical CPU devices exist; "
                 "call mmt.training.distribute.split_cpu(n) before TensorFlow initialises its devices"
             )
-        return tf.distribute.MirroredStrategy([d.name for d in cpus[:cpu_replicas]])
+        # CollectiveAllReduce keys its ops by (group, instance) numbers that restart
+        # at the same values for every MirroredStrategy, and the runtime caches each
+        # key's shape for the whole process: a second CPU-mirrored strategy in one
+        # process then fails with "Shape mismatch in the collective instance".
+        # Reducing through one device has no process-wide keys.
+        devices = [d.name for d in cpus[:cpu_replicas]]
+        return tf.distribute.MirroredStrategy(
+            devices, cross_device_ops=tf.distribute.ReductionToOneDevice(reduce_to_device=devices[0]))
     return tf.distribute.get_strategy()
 
 
