@@ -14,7 +14,7 @@ import gin
 import keras
 
 from mmt.data import pipeline, shapes
-from mmt.optimizers import Adafactor, Constant, Rsqrt, WarmupCosine
+from mmt.optimizers import Adafactor, AdamW, Constant, Rsqrt, WarmupCosine
 from mmt.tokenizers.dvae import DVAE
 from mmt.tasks.dvae import DVAETask
 from mmt.tokenizers.vqgan import VQGAN
@@ -26,7 +26,7 @@ gin.external_configurable(pipeline.StreamSpec, "StreamSpec")
 
 # Optimizers and schedules.
 gin.external_configurable(Adafactor, "Adafactor")
-gin.external_configurable(keras.optimizers.AdamW, "AdamW")
+gin.external_configurable(AdamW, "AdamW")  # keras AdamW + MAE's exclude_one_dimensional
 gin.external_configurable(keras.optimizers.Adam, "Adam")
 gin.external_configurable(keras.optimizers.SGD, "SGD")
 gin.external_configurable(WarmupCosine, "WarmupCosine")
