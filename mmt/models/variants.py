@@ -124,3 +124,33 @@ M3AE_SIZES = {
 def m3ae_size(name: str, **overrides) -> M3AESize:
     """The named M3AE size with `overrides` applied (unknown names fail with the choices)."""
     return _variant("M3AE", M3AE_SIZES, name, overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class DALLESize:
+    """DALL-E's decoder-only sparse transformer (DALL-E §2.2, App. B.1).
+
+    12B is the paper's: 64 attention layers of 62 heads with a per-head state of 64
+    (width 3,968), MLP 4x. With the paper's vocabularies (16,384 BPE, 8,192 dVAE codes),
+    256 text and 32 x 32 image positions and untied text / image output layers it has
+    12.3B trainable parameters (`python -m mmt.train --gin_file=gin/dalle_12b.gin --dry_run`).
+    B (GPT-2 small's shape) is a middle size for benchmarks, not from the paper; tiny is
+    for 64x64 shapes on 2 CPU cores.
+    """
+
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: int = 4
+
+
+DALLE_SIZES = {
+    "tiny": DALLESize(width=128, depth=4, heads=4),
+    "B": DALLESize(width=768, depth=12, heads=12),
+    "12B": DALLESize(width=3968, depth=64, heads=62),
+}
+
+
+def dalle_size(name: str, **overrides) -> DALLESize:
+    """The named DALL-E size with `overrides` applied (unknown names fail with the choices)."""
+    return _variant("DALL-E", DALLE_SIZES, name, overrides)

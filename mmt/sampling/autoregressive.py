@@ -62,14 +62,18 @@ def sample_decode(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     seed=None,
     cache=None,
 ):
-    """Ancestral sampling from `softmax(logits / temperature)`, optionally top-k truncated.
+    """Ancestral sampling from `softmax(logits / temperature)`, optionally top-k / top-p truncated.
 
     Args as `greedy_decode`, plus:
       temperature: 0 is greedy (DALL-E samples at 1.0, §2.6).
       top_k: sample among the `top_k` most likely tokens only (ties with the k-th kept).
+      top_p: nucleus sampling (Holtzman et al., 2020): sample among the smallest set of
+        most likely tokens whose probability under `softmax(logits / temperature)`
+        reaches `top_p` (ties with the last one kept); applied after `top_k`.
       seed: an int or a `keras.random.SeedGenerator`; one draw is taken from it. The
         numbers used for position `index + 1` do not depend on the interface, so the
         fixed-buffer and cached runs of one model sample the same sequence.
@@ -81,12 +85,16 @@ def sample_decode(
         return greedy_decode(logits_fn, start_tokens, max_length, eos_id, pad_id, cache=cache)
     if seed is None:
         raise ValueError("sample_decode needs a seed when temperature != 0.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
     table = backend.step_seeds(seed, max_length)  # [T, 2], row = index
 
     def choose(logits, index):
         if top_k is not None:
             kth = ops.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
             logits = ops.where(logits < kth, _NEG, logits)
+        if top_p is not None:
+            logits = _nucleus(logits, top_p, temperature)
         return backend.categorical(logits, backend.seed_at(table, index), temperature)
 
     return _decode(logits_fn, start_tokens, max_length, eos_id, pad_id, cache, choose)
@@ -243,6 +251,21 @@ def _decode(logits_fn, start_tokens, max_length, eos_id, pad_id, cache, choose):
     _, state = ops.while_loop(cond, body, (ops.convert_to_tensor(start - 1, "int32"), state),
                               maximum_iterations=max_length - start)
     return state["tokens"]
+
+
+def _nucleus(logits, top_p: float, temperature):
+    """float32 `[B, V]` logits with every token outside the top-p nucleus set to `_NEG`.
+
+    Sorted descending, a token is kept when the probability before it is below `top_p`
+    (so the most likely token always is); the threshold is the last kept logit.
+    """
+    vocab = logits.shape[-1]
+    ordered = ops.top_k(logits, vocab)[0]  # [B, V] descending
+    probs = ops.softmax(ordered / temperature, axis=-1)
+    before = ops.cumsum(probs, axis=-1) - probs
+    kept = ops.sum(ops.cast(before < top_p, "int32"), axis=-1, keepdims=True)  # >= 1
+    threshold = ops.take_along_axis(ordered, kept - 1, axis=-1)  # [B, 1]
+    return ops.where(logits < threshold, _NEG, logits)
 
 
 def _argmax(logits, index):
