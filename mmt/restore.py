@@ -27,7 +27,8 @@ def load_task(workdir: str, gin_params=(), restore: bool = True):
         untrained baseline of an evaluation.
 
     Returns:
-      (task, step): the built task (`task.model` restored) and the checkpoint's step
+      (task, step): the built task (`task.model` restored; the iterate average's
+      weights when the run used `Trainer.iterate_averaging`) and the checkpoint's step
       (0 without `restore`).
     """
     import tensorflow as tf
@@ -46,8 +47,19 @@ def load_task(workdir: str, gin_params=(), restore: bool = True):
     if not restore:
         return trainer.task, 0
     # Frozen parts (a T5 preset) were loaded from their own files by `build`.
-    checkpoint = tf.train.Checkpoint(model=model_variables(trainer.task.model,
-                                                           exclude=exports.frozen_variables(trainer.task)))
+    frozen = exports.frozen_variables(trainer.task)
+    if trainer.iterate_averaging:
+        # The run averaged its iterates: the trainable weights come from the average
+        # (`averaged_model/<name>`, the model's own names), the others from `model/`.
+        from mmt.training.checkpoint import named_variables
+        from mmt.training.trainer import averaged_sources
+
+        averaged = averaged_sources(trainer.task)
+        checkpoint = tf.train.Checkpoint(
+            model=model_variables(trainer.task.model, exclude=[*frozen, *averaged.values()]),
+            averaged_model=named_variables(averaged))
+    else:
+        checkpoint = tf.train.Checkpoint(model=model_variables(trainer.task.model, exclude=frozen))
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint)
     step = manager.restore_latest()
     if step is None:

@@ -99,10 +99,19 @@ def model_variables(model, exclude=()) -> tf.__internal__.tracking.AutoTrackable
     """
     from mmt.tasks.exports import weight_names  # the naming exports share
 
-    variables = tf.__internal__.tracking.AutoTrackable()
-    for name, variable in weight_names(model, exclude).items():
-        setattr(variables, name, variable)
-    return variables
+    return named_variables(weight_names(model, exclude))
+
+
+def named_variables(variables) -> tf.__internal__.tracking.AutoTrackable:
+    """name -> variable as one flat trackable: each variable an edge named `name`.
+
+    The trainer's iterate average is saved this way under the model's names
+    (`averaged_model/<name>`), so `mmt.restore` can read it straight into a model.
+    """
+    trackable = tf.__internal__.tracking.AutoTrackable()
+    for name, variable in variables.items():
+        setattr(trackable, name, variable)
+    return trackable
 
 
 class CheckpointManager:

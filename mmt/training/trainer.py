@@ -11,7 +11,12 @@ A `Task` (see `task.py`) gives one replica's named losses; the `Trainer` owns th
 * a non-finite guard: a step whose losses or gradients are not finite leaves weights and
   optimizer slots untouched, is counted and logged; `max_consecutive_skips` in a row
   stop the run, the last good checkpoint intact;
-* mixed precision (`mixed_bfloat16`: float32 variables, losses in float32);
+* mixed precision (`mixed_bfloat16`: float32 variables, losses in float32;
+  `mixed_float16`: the same with a dynamic loss scale, and optionally DALL-E's
+  per-resblock gradient scales, see `mmt.layers.gradient_scaling`);
+* exponentially weighted iterate averaging (`iterate_averaging`, DALL-E §2.2 / B.2):
+  checkpoints hold the raw and the averaged weights; export, evaluation and image
+  summaries use the averaged ones (`averaged_weights`), and so does `mmt.restore`;
 * checkpoints of model, optimizer slots, step and input position (atomic, resumable,
   see `checkpoint.py`); random numbers are a pure function of (seed, step, replica), so
   a resumed run repeats the uninterrupted run exactly;
@@ -43,17 +48,17 @@ import tensorflow as tf
 from mmt.data import integrity, manifests, pipeline
 from mmt.errors import UserError
 from mmt.tokenizers.text import EOS_ID, PAD_ID
-from mmt.training.checkpoint import CheckpointError, CheckpointManager, model_variables
+from mmt.training.checkpoint import CheckpointError, CheckpointManager, model_variables, named_variables
 from mmt.training import data_check
 from mmt.training.summaries import MetricsWriter
 from mmt import backend
-from mmt.tasks.exports import frozen_record, frozen_variables
+from mmt.tasks.exports import frozen_record, frozen_variables, weight_names
 from mmt.models.text_encoders import shape_only_frozen_encoders
 from mmt.tasks.base import OptimizerGroup, Ratio, Task, parameter_breakdown
 
 _log = logging.getLogger(__name__)
 
-PRECISIONS = ("float32", "mixed_bfloat16", "bfloat16")
+PRECISIONS = ("float32", "mixed_bfloat16", "bfloat16", "mixed_float16")
 MODES = ("auto", "xla", "graph", "eager")
 _STRING_FIELDS = ("key", "caption")
 
@@ -95,6 +100,12 @@ class Trainer:
         hooks; 0 disables.
       max_consecutive_skips: non-finite steps in a row that stop the run.
       progress_bar: None decides by whether stdout is a terminal.
+      iterate_averaging: the decay `d` of an exponentially weighted average of the
+        weights after each applied update (DALL-E: "Adam with exponentially weighted
+        iterate averaging"); None or 0 disables. See `_update_average` for the exact
+        (bias-corrected) definition.
+      loss_scale: under `mixed_float16`, (initial scale, finite steps before it doubles);
+        it halves on a step whose gradients outside scaled resblocks are not finite.
     """
 
     def __init__(
@@ -115,6 +126,8 @@ class Trainer:
         eval_every: int = 0,
         max_consecutive_skips: int = 10,
         progress_bar: bool | None = None,
+        iterate_averaging: float | None = None,
+        loss_scale: tuple[float, int] = (2.0**15, 2000),
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"Trainer.precision must be one of {PRECISIONS}, got {precision!r}")
@@ -145,6 +158,15 @@ class Trainer:
         self.eval_every = int(eval_every)
         self.max_consecutive_skips = int(max_consecutive_skips)
         self.progress_bar = progress_bar
+        self.iterate_averaging = float(iterate_averaging or 0.0) or None
+        if self.iterate_averaging is not None and not 0.0 < self.iterate_averaging < 1.0:
+            raise ValueError(f"Trainer.iterate_averaging is the average's decay, in (0, 1) (e.g. 0.999), or None; "
+                             f"got {iterate_averaging}")
+        initial_scale, growth_interval = loss_scale
+        if float(initial_scale) <= 0 or int(growth_interval) < 1:
+            raise ValueError(f"Trainer.loss_scale is (initial scale > 0, growth interval >= 1), got {loss_scale}")
+        self.loss_scale_config = (float(initial_scale), int(growth_interval))
+        self.averaged: dict[str, Any] = {}
         self._stop_signal: int | None = None
 
     # -- building ------------------------------------------------------------------
@@ -188,6 +210,74 @@ class Trainer:
             self.jit_compile = use_jit_compile(self.strategy)
         self._boundaries = tuple(sorted(int(b) for b in self.task.phase_boundaries()))
         self._step_fns = {}
+
+    def build_averaging(self) -> None:
+        """Creates the iterate average (a copy of the trainable weights) and its update count.
+
+        Separate from `build` so that loading a model for generation (`mmt.restore`)
+        does not hold a second copy of the weights.
+        """
+        if self.iterate_averaging is None or self.averaged:
+            return
+        self._averaged_sources = averaged_sources(self.task)
+        with self.strategy.scope():
+            self.averaged = {name: tf.Variable(tf.identity(variable.value), trainable=False,
+                                               name=f"average/{name}")
+                             for name, variable in self._averaged_sources.items()}
+            self.averaging_updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="averaging_updates")
+
+    def _update_average(self) -> None:
+        """One step of the iterate average, after an applied update (cross-replica context).
+
+        With decay `d` and `t` applied updates (skipped steps do not count), the average
+        is the bias-corrected exponentially weighted mean of the iterates `w_1 .. w_t`
+        (the weights after each update; the initial weights are not included):
+
+            avg_t = sum_k d^(t-k) (1 - d) w_k / (1 - d^t)
+
+        computed recursively as `avg_t = avg_(t-1) + r_t (w_t - avg_(t-1))` with
+        `r_t = (1 - d) / (1 - d^t)` (so `avg_1 = w_1`). The correction is Adam's: without
+        it the first thousand steps of a `d = 0.999` average would be mostly initial
+        weights.
+        """
+        t = tf.cast(self.averaging_updates.assign_add(1), tf.float64)
+        decay = tf.constant(self.iterate_averaging, tf.float64)
+        rate = tf.cast((1.0 - decay) / (1.0 - tf.pow(decay, t)), tf.float32)
+        for name, average in self.averaged.items():
+            variable = tf.cast(self._averaged_sources[name].value, average.dtype)
+            average.assign_add(rate * (variable - average))
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within the block the model holds the iterate average (no-op without averaging).
+
+        What export, evaluation and image summaries see: the raw weights are restored on
+        exit, bit for bit.
+        """
+        if not self.averaged:
+            yield
+            return
+        raw = {name: tf.identity(v.value) for name, v in self._averaged_sources.items()}
+        try:
+            for name, average in self.averaged.items():
+                self._averaged_sources[name].assign(tf.cast(average, self._averaged_sources[name].dtype))
+            yield
+        finally:
+            for name, value in raw.items():
+                self._averaged_sources[name].assign(value)
+
+    def checkpoint_items(self) -> dict[str, Any]:
+        """Everything a checkpoint holds besides the input position (see `run`)."""
+        items = dict(
+            model=model_variables(self.task.model, exclude=frozen_variables(self.task)),
+            step=self.step,
+            skipped_total=self.skipped_total,
+            skipped_in_row=self.skipped_in_row,
+            **{f"optimizer_{name}": opt for name, opt in self.optimizers.items()},
+        )
+        if self.averaged:
+            items.update(averaged_model=named_variables(self.averaged), averaging_updates=self.averaging_updates)
+        return items
 
     def memory_report(self, replicas: int | None = None) -> str:
         """Per-replica memory (parameters, gradients, slots, estimated activations); see `memory.py`."""
@@ -281,6 +371,8 @@ class Trainer:
 
         def apply():
             self.strategy.run(self._replica_apply, args=(grads,))
+            if self.averaged:
+                self._update_average()
             self.skipped_in_row.assign(0)
             return tf.constant(True)
 
@@ -359,14 +451,8 @@ class Trainer:
             expected_image_tokenizer=getattr(self.task, "image_tokenizer_fingerprint", None),
             expected_text_vocab=getattr(self.task, "text_vocab_fingerprint", None),
         )
-        checkpoint = tf.train.Checkpoint(
-            model=model_variables(self.task.model, exclude=frozen_variables(self.task)),
-            step=self.step,
-            skipped_total=self.skipped_total,
-            skipped_in_row=self.skipped_in_row,
-            iterator=inputs.checkpointable,
-            **{f"optimizer_{name}": opt for name, opt in self.optimizers.items()},
-        )
+        self.build_averaging()
+        checkpoint = tf.train.Checkpoint(iterator=inputs.checkpointable, **self.checkpoint_items())
         manager = CheckpointManager(os.path.join(workdir, "checkpoints"), checkpoint, keep=self.keep_checkpoints)
         try:
             restored = manager.restore_latest()
@@ -425,11 +511,13 @@ class Trainer:
                     writer.console(step, {k: v for k, v in last.items() if k.startswith("loss/")}, rate)
                 if self.image_every and step % self.image_every == 0:
                     local = _first_replica(self.strategy, batch)
-                    writer.images(step, self.task.image_summaries(local, step))
-                    for name, values in self.task.histogram_summaries(local, step).items():
-                        writer.histogram(step, name, values)
+                    with self.averaged_weights():
+                        writer.images(step, self.task.image_summaries(local, step))
+                        for name, values in self.task.histogram_summaries(local, step).items():
+                            writer.histogram(step, name, values)
                 if self.eval_every and step % self.eval_every == 0:
-                    results = self.task.evaluate(step)
+                    with self.averaged_weights():
+                        results = self.task.evaluate(step)
                     if results:
                         writer.scalars(step, {f"eval/{k}": v for k, v in results.items()})
                 if step % self.checkpoint_every == 0 or step == self.train_steps or self._stop_signal is not None:
@@ -441,7 +529,8 @@ class Trainer:
                     status = "preempted"
                     break
             if status == "completed" and chief:
-                self.task.export(os.path.join(workdir, "export"), step=step)
+                with self.averaged_weights():
+                    self.task.export(os.path.join(workdir, "export"), step=step)
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -539,6 +628,12 @@ def check_frozen_parts(task, manager, step: int) -> None:
                 "(e.g. the same T5 preset) or train in another --workdir")
 
 
+def averaged_sources(task) -> dict[str, Any]:
+    """name -> variable of every weight the iterate average covers: the trainable ones
+    outside frozen parts, named as in checkpoints (`averaged_model/<name>`)."""
+    return {name: v for name, v in weight_names(task.model, exclude=frozen_variables(task)).items() if v.trainable}
+
+
 def _without_strings(name: str, spec: pipeline.StreamSpec) -> pipeline.StreamSpec:
     """Training steps are compiled: string fields (keys, captions) stay out of them."""
     fields = tuple(f for f in spec.fields if f not in _STRING_FIELDS)
@@ -607,4 +702,4 @@ def _git_revision() -> dict[str, Any]:
         return {"revision": None, "mmt_version": getattr(mmt, "__version__", "unknown"), "why": str(e)[:200]}
 
 
-__all__ = ["RunResult", "Trainer", "TrainingError"]
+__all__ = ["RunResult", "Trainer", "TrainingError", "averaged_sources"]
