@@ -58,3 +58,13 @@ gin.external_configurable(UPGenTask, "UPGenTask")
 from mmt.tasks.m3ae import M3AETask  # noqa: E402
 
 gin.external_configurable(M3AETask, "M3AETask")
+
+# The CLIP-style reranker of DALL-E §2.6 (issue 20).
+from mmt.tasks.clip import CLIPTask  # noqa: E402
+
+gin.external_configurable(CLIPTask, "CLIPTask")
+
+# DALL-E's stage-two transformer (issue 20).
+from mmt.tasks.dalle import DALLETask  # noqa: E402
+
+gin.external_configurable(DALLETask, "DALLETask")
