@@ -12,7 +12,8 @@ unconditional samples (tasks with an `unconditional_images` hook, e.g. UPGen) ar
 `reconstruct` hook) `--image` writes `reconstruction_NNN_<name>.png`, masked input |
 reconstruction | original side by side, and `--caption` (one per image, or one for all)
 has the masked words of the caption filled in from the image (`captions.json`). Sampling options (`--num_steps`, `--guidance_scale`,
-`--choice_temperature`, `--beam_size`) default to the task's gin-bound `generation`
+`--choice_temperature`, `--beam_size`; for an autoregressive model such as DALL-E
+`--temperature`, `--top_k`, `--top_p`) default to the task's gin-bound `generation`
 settings; they apply to images (the task's own text settings caption).
 """
 
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance_scale", type=float)
     parser.add_argument("--choice_temperature", type=float)
     parser.add_argument("--beam_size", type=int)
+    parser.add_argument("--temperature", type=float, help="autoregressive image sampling (DALL-E)")
+    parser.add_argument("--top_k", type=int, help="autoregressive image sampling (DALL-E)")
+    parser.add_argument("--top_p", type=float, help="autoregressive image sampling (DALL-E)")
     args = parser.parse_args(argv)
     if not (args.prompt or args.image or args.unconditional):
         parser.error("give at least one --prompt, --image or --unconditional")
@@ -82,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = Path(args.output or Path(args.workdir) / "generated")
     output.mkdir(parents=True, exist_ok=True)
     print(f"{type(task).__name__} at step {step}; writing to {output}")
-    options = {k: getattr(args, k) for k in ("num_steps", "guidance_scale", "choice_temperature")
+    options = {k: getattr(args, k) for k in ("num_steps", "guidance_scale", "choice_temperature", "temperature",
+                                             "top_k", "top_p")
                if getattr(args, k) is not None}
     if args.prompt:
         images, _ = task.text_to_image(args.prompt, seed=args.seed, **options)

@@ -139,7 +139,10 @@ class DALLETask(TokenizerFiles, Task):
     def _options(self, options) -> dict:
         unknown = set(options) - set(DEFAULT_GENERATION)
         if unknown:
-            raise ValueError(f"DALL-E sampling options are {sorted(DEFAULT_GENERATION)}; got {sorted(unknown)}")
+            from mmt.errors import UserError
+
+            raise UserError(f"DALL-E samples images left to right: its options are {sorted(DEFAULT_GENERATION)} "
+                            f"(--temperature, --top_k, --top_p), not {sorted(unknown)}")
         return {**self.generation, **{k: v for k, v in options.items() if v is not None}}
 
     def text_to_image_tokens(self, text_ids, seed: int = 0, **options) -> np.ndarray:
