@@ -21,6 +21,13 @@ A stream may augment its images as MAE does (`StreamSpec.random_resized_crop`,
 seed derived from `seed`, the stream's name and the image's position in the stream, so
 a resumed iterator redraws the same crops and flips.
 
+A training stream may re-tokenize its captions with BPE dropout
+(`StreamSpec.bpe_dropout`, DALL-E §2.2: 10%; `mmt.data.bpe_dropout`): its `text_ids`
+then come from the records' `text/caption`, segmented afresh every time a record is
+read, with stateless draws keyed by `seed`, the stream's name and the batch's position
+in the stream, so a resumed iterator draws the same segmentations. With dropout 0 (and
+in evaluation) the ids are the records' `text/ids`.
+
 Typical use in a trainer::
 
     specs = {"paired": StreamSpec(data_dir, "paired", batch_size=1024, ...), ...}
@@ -47,6 +54,7 @@ import tensorflow as tf
 
 from mmt.data import augment, integrity, manifests, schema
 from mmt.data.text_ids import terminate_and_pad
+from mmt.errors import UserError
 
 # The fields a stream can produce, and what each holds.
 FIELDS = (
@@ -80,6 +88,15 @@ class StreamSpec:
         name objects, counts and grid cells).
       horizontal_flip: mirror each image left-right with probability 1/2 (MAE).
         Off by default: a flip swaps the "left" and "right" of a caption.
+      bpe_dropout: probability of dropping each available BPE merge (Provilkov et al.
+        2019; DALL-E §2.2: 0.1). Above 0, a training stream's `text_ids` are the records'
+        captions re-tokenized with BPE dropout (same EOS / padding convention as stored
+        `text/ids`); evaluation (`stream_dataset(training=False)`) never drops. Needs a
+        BPE vocabulary.
+      text_vocab: the SentencePiece model that re-tokenizes captions when bpe_dropout
+        > 0 (file or directory); None takes the manifest's `options["text_vocab"]`
+        (written by `beam_pipelines.tokenize` and the shapes records). Its fingerprint
+        must be the manifest's.
       shuffle_buffer: records in the shuffle buffer (per input pipeline).
       cycle_length: files read concurrently (at most the number of files).
       name: the stream's name; `mixture_dataset` fills it from its mapping key.
@@ -93,6 +110,8 @@ class StreamSpec:
     image_resolution: int | None = None
     random_resized_crop: tuple[float, float] | None = None
     horizontal_flip: bool = False
+    bpe_dropout: float = 0.0
+    text_vocab: str | None = None
     shuffle_buffer: int = 10_000
     cycle_length: int = 16
     name: str = ""
@@ -126,6 +145,21 @@ class StreamSpec:
                 f"{where}: StreamSpec.horizontal_flip must be True or False (MAE flips with probability 1/2), "
                 f"got {self.horizontal_flip!r}"
             )
+        try:
+            rate = float(self.bpe_dropout)
+        except (TypeError, ValueError):
+            rate = float("nan")
+        if not 0 <= rate <= 1 or isinstance(self.bpe_dropout, bool):
+            raise BPEDropoutConfigError(
+                f"{where}: StreamSpec.bpe_dropout must be a probability in [0, 1] (DALL-E: 0.1), "
+                f"got {self.bpe_dropout!r}"
+            )
+        object.__setattr__(self, "bpe_dropout", rate)
+        if rate > 0 and "text_ids" not in self.fields:
+            raise BPEDropoutConfigError(
+                f"{where}: StreamSpec.bpe_dropout re-tokenizes the `text_ids` field, which this stream does not "
+                f"read (fields {self.fields}); set bpe_dropout to 0 or add text_ids"
+            )
         if self.augments and "image" not in self.fields:
             raise ValueError(
                 f"{where}: random_resized_crop / horizontal_flip augment the `image` field, which this "
@@ -136,6 +170,10 @@ class StreamSpec:
     def augments(self) -> bool:
         """Whether the stream's images are cropped or flipped (`mmt.data.augment`)."""
         return self.random_resized_crop is not None or bool(self.horizontal_flip)
+
+
+class BPEDropoutConfigError(UserError, ValueError):
+    """A stream's BPE-dropout settings cannot work (rate, fields, vocabulary)."""
 
 
 def derive_seed(seed: int, *parts: str) -> int:
@@ -218,12 +256,14 @@ def _make_parser(
     seed: int = 0,
     num_pipelines: int = 1,
     pipeline_id: int = 0,
+    dropout=None,
 ):
     """Returns a function: string [B] serialized records -> dict of static-shape tensors.
 
-    For a stream that augments its images (`spec.augments`) the function takes
-    (batch index, string [B]) instead: the batch's index in this input pipeline, from
-    `Dataset.enumerate`, gives every image its position in the stream, and so its seeds.
+    For a stream that augments its images (`spec.augments`) or re-tokenizes captions
+    with BPE dropout (`dropout`, a `bpe_dropout.BPEDropout`) the function takes (batch
+    index, string [B]) instead: the batch's index in this input pipeline, from
+    `Dataset.enumerate`, gives every element its position in the stream, and so its seeds.
     """
     where = f"stream {spec.name!r} ({spec.data_dir}, split {spec.split!r})"
     wanted = set(spec.fields)
@@ -243,6 +283,9 @@ def _make_parser(
         parse_spec[schema.TEXT_IDS] = tf.io.RaggedFeature(tf.int64, row_splits_dtype=tf.int64)
     if "caption" in wanted:
         parse_spec[schema.TEXT_CAPTION] = tf.io.FixedLenFeature([], tf.string)
+    elif dropout is not None:
+        # A default, so a record without a caption is named below.
+        parse_spec[schema.TEXT_CAPTION] = tf.io.FixedLenFeature([], tf.string, default_value="")
     if "image" in wanted:
         resolution = spec.image_resolution or manifest.options.get("image_size")
         if not resolution:
@@ -258,6 +301,7 @@ def _make_parser(
     # Keys of the two draws; the stream's name keeps streams apart, as for shuffling.
     crop_key = derive_seed(seed, spec.name, "random_resized_crop")
     flip_key = derive_seed(seed, spec.name, "horizontal_flip")
+    dropout_key = derive_seed(seed, spec.name, "bpe_dropout")
 
     # Python control flow only (on static facts): nothing for autograph to convert.
     @tf.autograph.experimental.do_not_convert
@@ -267,11 +311,13 @@ def _make_parser(
         # images of a run (any replica, any step) share a seed.
         first = (index * num_pipelines + pipeline_id) * batch_size
         positions = first + tf.range(batch_size, dtype=tf.int64)  # int64 (B,)
+        # The batch's seed for BPE dropout: its first element's position, unique per batch.
+        dropout_seed = tf.stack([tf.constant(dropout_key, tf.int64), tf.cast(first, tf.int64)])
         return parse(serialized, augment.element_seeds(crop_key, positions),
-                     augment.element_seeds(flip_key, positions))
+                     augment.element_seeds(flip_key, positions), dropout_seed)
 
     @tf.autograph.experimental.do_not_convert
-    def parse(serialized: tf.Tensor, crop_seeds=None, flip_seeds=None) -> dict[str, tf.Tensor]:
+    def parse(serialized: tf.Tensor, crop_seeds=None, flip_seeds=None, dropout_seed=None) -> dict[str, tf.Tensor]:
         parsed = tf.io.parse_example(serialized, parse_spec)
         keys = parsed[schema.KEY]  # string [B]
         out = {}
@@ -304,6 +350,14 @@ def _make_parser(
                     tf.logical_not(tf.reduce_any(bad, axis=1)), keys,
                     f"{where}: text/ids outside [0, {text_vocab}) (the manifest's vocab size)",
                 ))
+            if dropout is not None:
+                captions = parsed[schema.TEXT_CAPTION]  # string (B,)
+                checks.append(_require(
+                    tf.strings.length(captions) > 0, keys,
+                    f"{where}: records without text/caption, which BPE dropout re-tokenizes",
+                ))
+                # DALL-E §2.2 footnote 5: a fresh segmentation of the caption at every read.
+                ids = dropout.tokenize(captions, spec.bpe_dropout, dropout_seed)
             with tf.control_dependencies(checks):
                 padded = terminate_and_pad(ids, length, eos_id, pad_id)  # int32 (B, L)
             out["text_ids"] = tf.ensure_shape(padded, [batch_size, length])
@@ -323,7 +377,31 @@ def _make_parser(
                 )
         return out
 
-    return parse_augmented if spec.augments else parse
+    return parse_augmented if spec.augments or dropout is not None else parse
+
+
+def _bpe_dropout(spec: StreamSpec, manifest: manifests.Manifest):
+    """The `BPEDropout` that re-tokenizes `spec`'s captions, with its vocabulary checked."""
+    from mmt.data.bpe_dropout import BPEDropout
+    from mmt.tokenizers.text import TextTokenizer
+
+    where = f"stream {spec.name!r} ({spec.data_dir}, split {spec.split!r})"
+    path = spec.text_vocab or manifest.options.get("text_vocab")
+    if not path:
+        raise BPEDropoutConfigError(
+            f"{where}: StreamSpec.bpe_dropout re-tokenizes captions, but neither StreamSpec.text_vocab nor the "
+            "manifest's options['text_vocab'] names the vocabulary; set StreamSpec.text_vocab to the "
+            "SentencePiece model the data was tokenized with"
+        )
+    tokenizer = TextTokenizer.from_file(path)
+    recorded = None if manifest.text_vocab is None else manifest.text_vocab.fingerprint
+    if recorded != tokenizer.fingerprint():
+        raise manifests.FingerprintMismatchError(
+            f"{where}: BPE dropout would re-tokenize captions with {tokenizer.source} "
+            f"({tokenizer.fingerprint()}), but the data's text/ids were made with {recorded!r}; set "
+            "StreamSpec.text_vocab to the vocabulary the data was tokenized with"
+        )
+    return BPEDropout(tokenizer, where=f"{where}, StreamSpec.bpe_dropout={spec.bpe_dropout}")
 
 
 # -- one stream ------------------------------------------------------------------------
@@ -346,6 +424,7 @@ def stream_dataset(
     expected_image_tokenizer: str | None = None,
     expected_text_vocab: str | None = None,
     check_shard_sizes: bool = True,
+    training: bool | None = None,
 ) -> tf.data.Dataset:
     """Batches of one stream, parsed, with fully static shapes.
 
@@ -363,6 +442,8 @@ def stream_dataset(
       check_shard_sizes: compare shard sizes with the manifest before reading (one
         stat per file), which catches truncated shards that TensorFlow would read as
         merely shorter.
+      training: whether `spec.bpe_dropout` applies; None means `repeat` (evaluation
+        reads its data once).
 
     Returns:
       A dataset of dicts with the requested fields, B = per-replica batch size:
@@ -436,12 +517,15 @@ def stream_dataset(
         )
     # Batch the serialized records, then parse whole batches (vectorised parsing).
     batches = records.batch(batch_size, drop_remainder=True)
-    parse = _make_parser(dataclasses.replace(spec, name=name), manifest, batch_size, eos_id, pad_id,
-                         seed=seed, num_pipelines=num_pipelines, pipeline_id=pipeline_id)
-    if spec.augments:
-        # The batch counter gives each image its position, hence its seeds; it is part
-        # of the iterator's checkpointed state. Only augmenting streams count, so the
-        # iterator checkpoints of streams without augmentation keep their layout.
+    spec = dataclasses.replace(spec, name=name)
+    training = repeat if training is None else training
+    dropout = _bpe_dropout(spec, manifest) if training and spec.bpe_dropout > 0 else None
+    parse = _make_parser(spec, manifest, batch_size, eos_id, pad_id, seed=seed,
+                         num_pipelines=num_pipelines, pipeline_id=pipeline_id, dropout=dropout)
+    if spec.augments or dropout is not None:
+        # The batch counter gives each element its position, hence its seeds; it is
+        # part of the iterator's checkpointed state. Only streams that draw count, so
+        # the iterator checkpoints of the others keep their layout.
         batches = batches.enumerate()
     batches = batches.map(parse, num_parallel_calls=_AUTOTUNE, deterministic=True)
     return batches.prefetch(_AUTOTUNE).with_options(_options())
@@ -473,6 +557,7 @@ def mixture_dataset(
     expected_image_tokenizer: str | None = None,
     expected_text_vocab: str | None = None,
     check_shard_sizes: bool = True,
+    training: bool | None = None,
 ) -> tf.data.Dataset:
     """Zips named streams: each element is `{stream_name: batch_dict}`, one per step.
 
@@ -493,6 +578,7 @@ def mixture_dataset(
             expected_image_tokenizer=expected_image_tokenizer,
             expected_text_vocab=expected_text_vocab,
             check_shard_sizes=check_shard_sizes,
+            training=training,
         )
         for name, spec in _named(specs).items()
     }

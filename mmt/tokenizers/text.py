@@ -42,6 +42,15 @@ BOS_ID = 3
 # ship `spiece.model`, keras-hub presets `assets/tokenizer/vocabulary.spm`.
 _MODEL_FILE_NAMES = ("spiece.model", "vocabulary.spm", "assets/tokenizer/vocabulary.spm")
 
+# What `train_sentencepiece` trains; `TextTokenizer.model_type` may also read "word" / "char".
+MODEL_TYPES = ("unigram", "bpe")
+# sentencepiece_model.proto: TrainerSpec.ModelType's values.
+_PROTO_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+
+
+class VocabularyOptionError(UserError, ValueError):
+    """A vocabulary-training option (model type, size, input) is invalid."""
+
 
 def train_sentencepiece(
     texts: Iterable[str],
@@ -52,6 +61,7 @@ def train_sentencepiece(
     character_coverage: float = 1.0,
     max_sentences: int = 1_000_000,
     seed: int = 0,
+    lowercase: bool = False,
 ) -> "TextTokenizer":
     """Trains a SentencePiece model on `texts` and writes it to `output_path`.
 
@@ -61,21 +71,25 @@ def train_sentencepiece(
       vocab_size: upper bound on the vocabulary size. Small corpora (the shapes
         grammar) may support fewer pieces; training then stops below the bound rather
         than failing (`hard_vocab_limit=False`).
-      model_type: "unigram" (T5's choice) or "bpe".
+      model_type: "unigram" (T5's choice) or "bpe" (DALL-E §2.2 BPE-encodes captions;
+        only a BPE vocabulary supports BPE dropout, `mmt.data.bpe_dropout`).
       character_coverage: fraction of characters covered by the vocabulary.
       max_sentences: at most this many sentences are used (sampled with `seed`).
       seed: seeds SentencePiece's sampling, so the same captions give the same model.
+      lowercase: case-fold every text before it is split into pieces (SentencePiece's
+        `nmt_nfkc_cf` normalization), both in training and whenever the model encodes:
+        DALL-E §2.2 encodes the lowercased caption. Decoding then gives lowercase text.
 
     Returns:
       The trained tokenizer, loaded from the written file.
     """
-    if model_type not in ("unigram", "bpe"):
-        raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
+    if model_type not in MODEL_TYPES:
+        raise VocabularyOptionError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     if vocab_size < 8:
-        raise ValueError(f"vocab_size must be at least 8, got {vocab_size}")
+        raise VocabularyOptionError(f"vocab_size must be at least 8, got {vocab_size}")
     sentences = [t for t in texts if t.strip()]
     if not sentences:
-        raise ValueError("train_sentencepiece got no non-empty training text")
+        raise VocabularyOptionError("train_sentencepiece got no non-empty training text")
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -85,6 +99,8 @@ def train_sentencepiece(
         hard_vocab_limit=False,
         model_type=model_type,
         character_coverage=character_coverage,
+        # The model stores its normalization rule, so encoding folds case as training did.
+        normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
         pad_id=PAD_ID,
@@ -101,6 +117,53 @@ def train_sentencepiece(
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, output_path)
     return TextTokenizer.from_file(output_path)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _proto_fields(data: bytes):
+    """(field number, wire type, value) of a serialized protobuf message, top level only."""
+    pos = 0
+    while pos < len(data):
+        tag, pos = _read_varint(data, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos:pos + 8], pos + 8
+        elif wire == 2:
+            size, pos = _read_varint(data, pos)
+            value, pos = data[pos:pos + size], pos + size
+        elif wire == 5:
+            value, pos = data[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def _proto_model_type(model_proto: bytes) -> str:
+    """ModelProto.trainer_spec (field 2).model_type (field 3), read from the wire format.
+
+    The sentencepiece package's generated `sentencepiece_model_pb2` refuses to load
+    with the protobuf runtime TensorFlow pins, so the two fields are read by hand.
+    An absent field takes the proto's default, UNIGRAM.
+    """
+    model_type = 1
+    for number, wire, value in _proto_fields(model_proto):
+        if number == 2 and wire == 2:
+            for inner, inner_wire, inner_value in _proto_fields(value):
+                if inner == 3 and inner_wire == 0:
+                    model_type = inner_value
+    return _PROTO_MODEL_TYPES.get(model_type, f"unknown({model_type})")
 
 
 def resolve_model_file(path: str | os.PathLike) -> Path:
@@ -184,6 +247,11 @@ class TextTokenizer:
     def special_ids(self) -> tuple[int, ...]:
         return tuple(sorted({self.pad_id, self.eos_id, self.bos_id}))
 
+    @property
+    def model_type(self) -> str:
+        """The SentencePiece algorithm that made this model: "unigram", "bpe", "word" or "char"."""
+        return _proto_model_type(self._proto)
+
     def fingerprint(self) -> str:
         """A stable id of this vocabulary: the SHA-256 of the model file's bytes."""
         return "sha256:" + hashlib.sha256(self._proto).hexdigest()
@@ -245,3 +313,58 @@ class TextTokenizer:
 
     def __repr__(self) -> str:
         return f"TextTokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def _read_caption_files(patterns: str) -> list[str]:
+    import glob
+
+    paths = []
+    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+        matched = sorted(glob.glob(pattern))
+        if not matched:
+            raise VocabularyOptionError(f"--input {pattern!r} matches no file; give text files of one caption a line")
+        paths += matched
+    if not paths:
+        raise VocabularyOptionError("--input is required: text files of one caption a line (comma-separated globs)")
+    captions = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            captions += [line.rstrip("\n") for line in f]
+    return captions
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m mmt.tokenizers.text --input=captions.txt --output=vocab.model --model_type=bpe`.
+
+    Trains a vocabulary with `train_sentencepiece` on text files of one caption a line.
+    DALL-E's (§2.2): `--model_type=bpe --vocab_size=16384 --lowercase`.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mmt.tokenizers.text", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--input", default="", help="text files (comma-separated globs), one caption a line")
+    parser.add_argument("--output", required=True, help="the .model file to write")
+    parser.add_argument("--model_type", default="unigram", choices=MODEL_TYPES)
+    parser.add_argument("--vocab_size", type=int, default=256, help="upper bound on the number of pieces")
+    parser.add_argument("--lowercase", action="store_true", help="case-fold captions (DALL-E §2.2)")
+    parser.add_argument("--character_coverage", type=float, default=1.0)
+    parser.add_argument("--max_sentences", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
+    args = parser.parse_args(argv)
+    tokenizer = train_sentencepiece(
+        _read_caption_files(args.input), args.output, vocab_size=args.vocab_size, model_type=args.model_type,
+        character_coverage=args.character_coverage, max_sentences=args.max_sentences, seed=args.seed,
+        lowercase=args.lowercase,
+    )
+    print(f"wrote {args.output}: {tokenizer.model_type}, {tokenizer.vocab_size} pieces, {tokenizer.fingerprint()}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from mmt.errors import run_main
+
+    raise SystemExit(run_main(main))

@@ -132,12 +132,17 @@ def write_shapes_records(
         text_info = manifests.TextVocabInfo(
             fingerprint=text_tokenizer.fingerprint(), vocab_size=text_tokenizer.vocab_size
         )
+    options = {"source": "shapes", "shapes": shapes_config_dict(config), "image_size": config.resolution}
+    vocab_file = getattr(text_tokenizer, "source", None)
+    if vocab_file and os.path.isfile(vocab_file):
+        # Where streams that re-tokenize captions (StreamSpec.bpe_dropout) find the vocabulary.
+        options["text_vocab"] = os.path.abspath(vocab_file)
     return manifests.write_manifest(
         output_dir,
         splits=splits,
         image_tokenizer=image_info,
         text_vocab=text_info,
-        options={"source": "shapes", "shapes": shapes_config_dict(config), "image_size": config.resolution},
+        options=options,
     )
 
 
