@@ -21,7 +21,7 @@ from mmt.models.dalle import CONV, COLUMN, DALLE, ROW, layer_kinds, sample_image
 from mmt.sampling.autoregressive import _nucleus
 from mmt.tasks.dalle import DALLETask
 from mmt.training.trainer import Trainer
-from harness import assert_no_tensorflow, assert_xla_matches_eager
+from harness import assert_no_tensorflow, assert_xla_matches_eager, jax_check
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +62,14 @@ def test_model_modules_import_neither_tensorflow_nor_gin():
     files = ["mmt/models/dalle.py", "mmt/tasks/dalle.py", "mmt/sampling/autoregressive.py"]
     seen = assert_no_tensorflow(files, ["mmt.models.dalle", "mmt.tasks.dalle"])
     assert "mmt.layers" in seen
+
+
+@jax_check(modules=["mmt.models.dalle"], rtol=reordered_sum_rtol(128, chained_ops=16),
+           call="[obj.build_all(), *obj.logits(args[0]), obj.step_logits(args[0][:, :1], 0, obj.init_cache(2))[0]][1:]")
+def test_network_and_a_cached_step_equal_under_jax_without_tensorflow():
+    model = _model(size_overrides={"width": 32, "depth": 2, "heads": 2})
+    batch = _batch(lengths=(2, 5))
+    return model, (np.asarray(model.sequence(batch["text_ids"], batch["image_tokens"])),), {}
 
 
 # -- masks and their schedule --------------------------------------------------------------------

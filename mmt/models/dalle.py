@@ -21,8 +21,8 @@ modelled left to right: the output at position `p` predicts the token at `p + 1`
   learned row and column embedding (broadcast over the grid).
 * **Attention** (§2.2, App. B.1, Fig. 11): one joint softmax over text and image keys
   (footnote 7); text-to-text causal, every image token sees all text, and
-  image-to-image by the layer's kind. Layer pattern, App. B.1 (arXiv:2102.12092v2,
-  p. 21): "The convolutional attention mask is only used in the last self-attention
+  image-to-image by the layer's kind. Layer pattern, App. B.1 (arXiv:2102.12092,
+  Fig. 11 and its paragraph): "The convolutional attention mask is only used in the last self-attention
   layer. Otherwise, given the index i of a self-attention layer (with i in [1, 63]),
   we use the column attention mask if i - 2 mod 4 = 0, and row attention otherwise.
   E.g., the first four self-attention layers use row, column, row, row" --
