@@ -138,9 +138,10 @@ class BPEDropout:
         """
         lengths = tf.cast(symbols.row_lengths(), tf.int32)  # (B,)
         width = tf.maximum(symbols.bounding_shape(1, out_type=tf.int32), 2)
-        dense = symbols.to_tensor(default_value="", shape=[None, width])  # (B, T)
-        dense_frozen = frozen.to_tensor(default_value=True, shape=[None, width])  # (B, T)
-        batch = tf.shape(dense)[0]
+        batch = tf.cast(symbols.nrows(), tf.int32)
+        shape = tf.stack([batch, width])
+        dense = symbols.to_tensor(default_value="", shape=shape)  # (B, T)
+        dense_frozen = frozen.to_tensor(default_value=True, shape=shape)  # (B, T)
         positions = tf.range(width)[None, :]  # (1, T)
         if self._split_words:
             starts = tf.strings.substr(dense, 0, len(_SPACE.encode()), unit="BYTE") == _SPACE  # (B, T)
@@ -179,7 +180,7 @@ class BPEDropout:
             keep = ~absorbed & (positions < lengths[:, None])
 
             def compact(values, fill):
-                return tf.ragged.boolean_mask(values, keep).to_tensor(default_value=fill, shape=[None, width])
+                return tf.ragged.boolean_mask(values, keep).to_tensor(default_value=fill, shape=shape)
 
             lengths = tf.reduce_sum(tf.cast(keep, tf.int32), axis=1)
             return (i + 1, compact(dense, ""), compact(dense_frozen, True), compact(word, 0),
