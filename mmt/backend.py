@@ -20,7 +20,9 @@ only place mmt draws random numbers (`tests/test_rng.py` scans `mmt/` for other 
 
 **Backend seams**, each used where model code needs something `keras.ops` lacks:
 `compile_function` (the backend's XLA), `gradient` (the backend's autodiff of a scalar
-function), `keep_replica_gradients` (a Keras optimizer that must not all-reduce).
+function), `keep_replica_gradients` (a Keras optimizer that must not all-reduce),
+`gradient_scale_entry` / `gradient_scale_exit` (the custom gradients of DALL-E's
+per-resblock gradient scaling: `tf.custom_gradient` / `jax.custom_vjp`).
 Private Keras APIs are touched here only, each with its reason.
 
 `keras.ops` only at import time: importing this module does not import TensorFlow.
@@ -29,6 +31,7 @@ Private Keras APIs are touched here only, each with its reason.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 
 import keras
@@ -264,6 +267,117 @@ def gradient(fn: Callable[[Any], Any], x):
                      f"which the {backend!r} backend lacks; set VQGANTask.adaptive_weight = False")
 
 
+def gradient_scale_entry(x, scale, dtype):
+    """A residual branch's entry under per-resblock gradient scaling (DALL-E §2.4, Figure 4).
+
+    Forward: `x` (float32, the identity path) cast to the branch's `dtype`.
+    Backward: the branch's input gradient (scaled by `scale`, in `dtype`) has every
+    non-finite value set to zero (the paper's "filter": an overflow in this block must
+    not reach, and lower the scales of, the blocks before it), is cast to `x.dtype` and
+    divided by `scale` before it joins the identity path's sum.
+
+    The cotangent returned for `scale` is not a derivative (`scale` does not change the
+    forward value): it is the number of non-finite values filtered, float32 scalar. The
+    trainer reads it as `d loss / d scale` to lower that block's scale.
+
+    Args:
+      x: float `[...]`. scale: float32 scalar. dtype: the branch's compute dtype.
+    """
+    return _scale_ops()[0](x, scale, keras.backend.standardize_dtype(dtype))
+
+
+def gradient_scale_exit(y, scale, dtype):
+    """A residual branch's exit: forward `y` cast to `dtype` (float32, the identity
+    path); backward the incoming gradient times `scale`, in float32, then cast to
+    `y.dtype` (so a tiny gradient is scaled before 16-bit rounding could flush it). The
+    cotangent of `scale` is zero. See `gradient_scale_entry`."""
+    return _scale_ops()[1](y, scale, keras.backend.standardize_dtype(dtype))
+
+
+def _scale_ops():
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _tf_scale_ops()
+    if backend == "jax":
+        return _jax_scale_ops()
+    raise ValueError(f"per-resblock gradient scaling needs a custom gradient, which mmt implements for "
+                     f"TensorFlow and JAX, not {backend!r}; turn it off (Trainer.resblock_gradient_scaling)")
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_scale_ops():
+    import tensorflow as tf
+
+    def entry(x, scale, dtype):
+        @tf.custom_gradient
+        def op(x, scale):
+            def grad(g):
+                bad = tf.logical_not(tf.math.is_finite(g))
+                count = tf.reduce_sum(tf.cast(bad, tf.float32))
+                g = tf.cast(tf.where(bad, tf.zeros_like(g), g), x.dtype)
+                return g / tf.cast(scale, x.dtype), tf.cast(count, scale.dtype)
+
+            return tf.cast(x, dtype), grad
+
+        return op(x, tf.convert_to_tensor(scale))
+
+    def exit_(y, scale, dtype):
+        @tf.custom_gradient
+        def op(y, scale):
+            def grad(g):
+                g = tf.cast(g, tf.float32) * tf.cast(scale, tf.float32)
+                return tf.cast(g, y.dtype), tf.zeros_like(scale)
+
+            return tf.cast(y, dtype), grad
+
+        return op(y, tf.convert_to_tensor(scale))
+
+    return entry, exit_
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_scale_ops():
+    import jax
+    import jax.numpy as jnp
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def entry_op(x, scale, dtype, x_dtype):
+        return x.astype(dtype)
+
+    def entry_fwd(x, scale, dtype, x_dtype):
+        return x.astype(dtype), scale
+
+    def entry_bwd(dtype, x_dtype, scale, g):
+        bad = ~jnp.isfinite(g)
+        count = jnp.sum(bad).astype(scale.dtype).reshape(scale.shape)
+        g = jnp.where(bad, jnp.zeros_like(g), g).astype(x_dtype)
+        return g / scale.astype(x_dtype), count
+
+    entry_op.defvjp(entry_fwd, entry_bwd)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+    def exit_op(y, scale, dtype, y_dtype):
+        return y.astype(dtype)
+
+    def exit_fwd(y, scale, dtype, y_dtype):
+        return y.astype(dtype), scale
+
+    def exit_bwd(dtype, y_dtype, scale, g):
+        return (g.astype(jnp.float32) * scale.astype(jnp.float32)).astype(y_dtype), jnp.zeros_like(scale)
+
+    exit_op.defvjp(exit_fwd, exit_bwd)
+
+    def entry(x, scale, dtype):
+        x = jnp.asarray(x)
+        return entry_op(x, jnp.asarray(scale, jnp.float32), dtype, str(x.dtype))
+
+    def exit_(y, scale, dtype):
+        y = jnp.asarray(y)
+        return exit_op(y, jnp.asarray(scale, jnp.float32), dtype, str(y.dtype))
+
+    return entry, exit_
+
+
 def keep_replica_gradients(optimizer) -> None:
     """Stops a Keras optimizer from summing gradients across replicas itself.
 
@@ -275,6 +389,7 @@ def keep_replica_gradients(optimizer) -> None:
     optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)  # pylint: disable=protected-access
 
 
-__all__ = ["FixedSeed", "StepSeed", "categorical", "compile_function", "for_step", "gradient", "gumbel",
+__all__ = ["FixedSeed", "StepSeed", "categorical", "compile_function", "for_step", "gradient",
+           "gradient_scale_entry", "gradient_scale_exit", "gumbel",
            "keep_replica_gradients", "layer_seed", "randint", "scope", "seed_at", "seed_initial_weights",
            "step_seeds", "uniform"]

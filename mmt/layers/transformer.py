@@ -8,11 +8,13 @@ UPGen's encoder, M3AE's encoder and decoder, and DALL-E's decoder-only transform
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import keras
 from keras import ops
 
+from mmt.layers import gradient_scaling as gs
 from mmt.layers.attention import MultiHeadAttention, _AttentionLayer
 from mmt.layers.dropout import Dropout
 
@@ -117,9 +119,14 @@ class TransformerBlock(_AttentionLayer):
         example with this probability during training (Huang et al., 2016; DeiT/MAE).
       head_dim: per-head width; defaults to `D // num_heads`.
       use_bias, kernel_initializer: for every projection.
+      gradient_scaling: DALL-E's per-resblock gradient scaling (§2.4,
+        `mmt.layers.gradient_scaling`): the residual stream stays float32 and each
+        branch back-propagates under this block's own dynamic scale. None follows
+        `gradient_scaling.active` (the trainer's setting); False, True or a
+        `GradientScaling` / dict decide here.
 
     Call args:
-      x: float `[B, T, D]`.
+      x: float `[B, T, D]` (float32 under gradient scaling).
       mask: bool self-attention mask (`[T, Tk]`, `[B, T, Tk]`, `[B, 1, Tk]`).
       context: float `[B, S, Dc]`, required iff `cross_attention`.
       context_mask: bool mask over context keys (`[B, 1, S]`, `[T, S]`, ...).
@@ -144,9 +151,16 @@ class TransformerBlock(_AttentionLayer):
         head_dim: int | None = None,
         use_bias: bool = True,
         kernel_initializer="glorot_uniform",
+        gradient_scaling=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.gradient_scaling = gs.resolve(gradient_scaling)
+        self.gradient_scale = None
+        if self.gradient_scaling is not None:
+            # DALL-E §2.4: the identity path stays float32; only the branches autocast.
+            self.autocast = False
+            self.gradient_scale = gs.ResblockGradientScale(self.gradient_scaling, name="gradient_scale")
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
         self.dropout = dropout
@@ -204,11 +218,24 @@ class TransformerBlock(_AttentionLayer):
             self.cross_attention_norm.build(x_shape)
             self.cross_attention_layer.build(x_shape, context_shape)
         self.mlp.build(x_shape)
+        if self.gradient_scale is not None:
+            self.gradient_scale.build()
         self._record_build_shapes(x_shape, context_shape)
         self.built = True
 
+    def _branch_input(self, x):
+        """What a residual branch reads: under gradient scaling, `x` cast to the compute
+        dtype with its gradient filtered and unscaled on the way back (DALL-E Figure 4)."""
+        if self.gradient_scale is None or x is None:
+            return x
+        return self.gradient_scale.entry(x, self.compute_dtype)
+
     def _residual(self, x, branch, training):
-        return x + self.drop_path_layer(branch, training=training)
+        branch = self.drop_path_layer(branch, training=training)
+        if self.gradient_scale is not None:
+            # Back to the float32 identity path; the gradient is scaled on the way in.
+            branch = self.gradient_scale.exit(branch, x.dtype)
+        return x + branch
 
     def call(
         self,
@@ -220,7 +247,7 @@ class TransformerBlock(_AttentionLayer):
         cache=None,
         cache_index=None,
     ):
-        h = self.attention_norm(x)
+        h = self.attention_norm(self._branch_input(x))
         if cache is None:
             h = self.attention(h, mask=mask, training=training)
         else:
@@ -229,10 +256,12 @@ class TransformerBlock(_AttentionLayer):
             )
         x = self._residual(x, self.dropout_layer(h, training=training), training)
         if self.cross_attention:
-            h = self.cross_attention_norm(x)
-            h = self.cross_attention_layer(h, context=context, mask=context_mask, training=training)
+            h = self.cross_attention_norm(self._branch_input(x))
+            # The context's gradient leaves the block too: filtered and unscaled as well.
+            h = self.cross_attention_layer(h, context=self._branch_input(context), mask=context_mask,
+                                           training=training)
             x = self._residual(x, self.dropout_layer(h, training=training), training)
-        x = self._residual(x, self.mlp(self.mlp_norm(x), training=training), training)
+        x = self._residual(x, self.mlp(self.mlp_norm(self._branch_input(x)), training=training), training)
         return x if cache is None else (x, cache)
 
 
@@ -250,8 +279,13 @@ class TransformerBlock(_AttentionLayer):
             head_dim=self.head_dim,
             use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            gradient_scaling=_scaling_config(self.gradient_scaling),
         )
         return config
+
+
+def _scaling_config(settings):
+    return False if settings is None else dataclasses.asdict(settings)
 
 
 @keras.saving.register_keras_serializable(package="mmt")
@@ -265,6 +299,10 @@ class TransformerStack(_AttentionLayer):
       drop_path: stochastic-depth rate of the *last* block; block `i` uses
         `drop_path * i / (depth - 1)` (linear rule of Huang et al. / DeiT / MAE).
       final_norm: apply a LayerNorm after the last block (pre-LN models need one).
+      gradient_scaling: per-resblock gradient scaling of every block (DALL-E §2.4, see
+        `TransformerBlock`); under it the stack casts its input to float32, keeps the
+        residual stream float32, and its final LayerNorm runs in float32 (App. D keeps
+        gains and biases in 32 bits), so the output is float32.
 
     Call args:
       x: float `[B, T, D]`.
@@ -296,9 +334,13 @@ class TransformerStack(_AttentionLayer):
         use_bias: bool = True,
         kernel_initializer="glorot_uniform",
         final_norm: bool = True,
+        gradient_scaling=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.gradient_scaling = gs.resolve(gradient_scaling)
+        if self.gradient_scaling is not None:
+            self.autocast = False  # the residual stream enters and stays float32
         self.depth = depth
         self.num_heads = num_heads
         self.mlp_dim = mlp_dim
@@ -325,6 +367,7 @@ class TransformerStack(_AttentionLayer):
                 head_dim=head_dim,
                 use_bias=use_bias,
                 kernel_initializer=self.kernel_initializer,
+                gradient_scaling=self.gradient_scaling or False,
                 name=f"block_{i}",
                 dtype=self.dtype_policy,
             )
@@ -333,7 +376,8 @@ class TransformerStack(_AttentionLayer):
         self.norm = None
         if final_norm:
             self.norm = keras.layers.LayerNormalization(
-                epsilon=norm_epsilon, name="final_norm", dtype=self.dtype_policy
+                epsilon=norm_epsilon, name="final_norm",
+                dtype="float32" if self.gradient_scaling is not None else self.dtype_policy,
             )
 
     def build(self, x_shape, context_shape=None):
@@ -362,6 +406,8 @@ class TransformerStack(_AttentionLayer):
         masks = mask if isinstance(mask, (list, tuple)) else [mask] * self.depth
         if len(masks) != self.depth:
             raise ValueError(f"got {len(masks)} masks for {self.depth} layers.")
+        if self.gradient_scaling is not None:
+            x = ops.cast(x, "float32")
         new_caches = []
         for i, block in enumerate(self.blocks):
             kwargs = dict(mask=masks[i], training=training)
@@ -397,6 +443,7 @@ class TransformerStack(_AttentionLayer):
             use_bias=self.use_bias,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             final_norm=self.final_norm,
+            gradient_scaling=_scaling_config(self.gradient_scaling),
         )
         return config
 

@@ -52,6 +52,7 @@ from mmt.training.checkpoint import CheckpointError, CheckpointManager, model_va
 from mmt.training import data_check
 from mmt.training.summaries import MetricsWriter
 from mmt import backend
+from mmt.layers import gradient_scaling
 from mmt.tasks.exports import frozen_record, frozen_variables, weight_names
 from mmt.models.text_encoders import shape_only_frozen_encoders
 from mmt.tasks.base import OptimizerGroup, Ratio, Task, parameter_breakdown
@@ -91,7 +92,8 @@ class Trainer:
       clip_grad_norm: clip each group's gradient to this global norm (ITIT: 3.0);
         None or 0 disables.
       seed: the run's seed: shuffling and every random draw of the model.
-      precision: `float32`, `mixed_bfloat16` (float32 variables) or `bfloat16`.
+      precision: `float32`, `mixed_bfloat16` (float32 variables), `bfloat16`, or
+        `mixed_float16` (float32 variables, dynamic loss scale `loss_scale`).
       mode: `auto` (XLA where the strategy allows it), `xla`, `graph` or `eager`.
       checkpoint_every: steps between checkpoints (and one at the end).
       keep_checkpoints: how many checkpoints to keep.
@@ -106,6 +108,11 @@ class Trainer:
         (bias-corrected) definition.
       loss_scale: under `mixed_float16`, (initial scale, finite steps before it doubles);
         it halves on a step whose gradients outside scaled resblocks are not finite.
+      resblock_gradient_scaling: DALL-E's per-resblock gradient scaling (§2.4): every
+        `TransformerBlock` of the task's model (built on `TransformerStack`) gets its own
+        dynamic gradient scale on top of the loss scale; True, or a dict of
+        `mmt.layers.gradient_scaling.GradientScaling` settings (`initial_scale`,
+        `growth_interval`, ...). Meant for `mixed_float16`; exact (a no-op) in float32.
     """
 
     def __init__(
@@ -128,6 +135,7 @@ class Trainer:
         progress_bar: bool | None = None,
         iterate_averaging: float | None = None,
         loss_scale: tuple[float, int] = (2.0**15, 2000),
+        resblock_gradient_scaling=False,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"Trainer.precision must be one of {PRECISIONS}, got {precision!r}")
@@ -166,6 +174,11 @@ class Trainer:
         if float(initial_scale) <= 0 or int(growth_interval) < 1:
             raise ValueError(f"Trainer.loss_scale is (initial scale > 0, growth interval >= 1), got {loss_scale}")
         self.loss_scale_config = (float(initial_scale), int(growth_interval))
+        try:
+            self.resblock_gradient_scaling = gradient_scaling.GradientScaling.of(resblock_gradient_scaling)
+        except TypeError as e:
+            raise ValueError(f"Trainer.resblock_gradient_scaling takes True/False or a dict of "
+                             f"GradientScaling settings, got {resblock_gradient_scaling!r} ({e})") from None
         self.averaged: dict[str, Any] = {}
         self._stop_signal: int | None = None
 
@@ -178,9 +191,17 @@ class Trainer:
         # Initial weights (and tf.data's global seed) follow the run's seed: two runs of
         # one config start from the same weights, whatever the strategy.
         backend.seed_initial_weights(self.seed)
-        with self.strategy.scope():
+        with self.strategy.scope(), gradient_scaling.active(self.resblock_gradient_scaling):
             self.task = self.task_factory()
             self.task.build()
+            self.scaled_blocks = gradient_scaling.scaled_blocks(self.task.model)
+            self._block_of = {id(v): i for i, (_, variables) in enumerate(self.scaled_blocks) for v in variables}
+            self.loss_scale = self.loss_scale_good_steps = None
+            if self.precision == "mixed_float16":
+                self.loss_scale = tf.Variable(self.loss_scale_config[0], dtype=tf.float32, trainable=False,
+                                              name="loss_scale")
+                self.loss_scale_good_steps = tf.Variable(0.0, dtype=tf.float32, trainable=False,
+                                                         name="loss_scale_good_steps")
             self.groups = tuple(self.task.optimizer_groups())
             self.group_variables = _assign_variables(self.groups, self.task.model.trainable_variables)
             unknown = set(self.group_optimizers) - {g.name for g in self.groups}
@@ -277,6 +298,8 @@ class Trainer:
         )
         if self.averaged:
             items.update(averaged_model=named_variables(self.averaged), averaging_updates=self.averaging_updates)
+        if self.loss_scale is not None:
+            items.update(loss_scale=self.loss_scale, loss_scale_good_steps=self.loss_scale_good_steps)
         return items
 
     def memory_report(self, replicas: int | None = None) -> str:
@@ -311,7 +334,13 @@ class Trainer:
         num_replicas = self.strategy.num_replicas_in_sync
         replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
         seed = backend.for_step(self.seed, step, replica)
+        # Per-resblock scales: the gradient "of" a scale is the count of non-finite
+        # values its block filtered (`mmt.backend.gradient_scale_entry`).
+        scale_variables = [scaler.scale.value for scaler, _ in self.scaled_blocks]
         with tf.GradientTape(persistent=len(self.groups) > 1) as tape, backend.scope(seed):
+            for variable in scale_variables:
+                tape.watch(variable)
+            block_scales = [tf.convert_to_tensor(v) for v in scale_variables]
             raw = self.task.compute_losses(batch, step, seed)
             losses = {}
             for name, value in raw.items():
@@ -328,12 +357,35 @@ class Trainer:
                 if missing:
                     raise KeyError(f"optimizer group {group.name!r} trains on losses {missing} that the task does not return")
                 group_totals[group.name] = tf.add_n([self._weight(n) * losses[n] for n in names])
+            loss_scale = None if self.loss_scale is None else tf.convert_to_tensor(self.loss_scale)
+            targets = {k: v if loss_scale is None else v * loss_scale for k, v in group_totals.items()}
         grads, norms = {}, {}
+        filtered = [tf.zeros((), tf.float32) for _ in scale_variables]
+        block_finite = [tf.constant(True) for _ in scale_variables]
+        other_finite = tf.constant(True)
         for group in self.groups:
             variables = self.group_variables[group.name]
-            group_grads = tape.gradient(group_totals[group.name], variables)
-            group_grads = [tf.zeros_like(v) if g is None else g for g, v in zip(group_grads, variables)]
-            group_grads = ctx.all_reduce("sum", group_grads)
+            all_grads = tape.gradient(targets[group.name], [*variables, *scale_variables])
+            group_grads = [tf.zeros_like(v) if g is None else g for g, v in zip(all_grads, variables)]
+            counts = all_grads[len(variables):]
+            filtered = [f if c is None else f + c for f, c in zip(filtered, counts)]
+            # Undo the scales: loss scale and block scale are powers of two, so exactly.
+            unscaled = []
+            for g, v in zip(group_grads, variables):
+                block = self._block_of.get(id(v))
+                if loss_scale is not None:
+                    g = g / loss_scale
+                if block is not None:
+                    g = g / block_scales[block]
+                unscaled.append(g)
+            group_grads = ctx.all_reduce("sum", unscaled)
+            for g, v in zip(group_grads, variables):
+                ok = tf.reduce_all(tf.math.is_finite(g))
+                block = self._block_of.get(id(v))
+                if block is None:
+                    other_finite = tf.logical_and(other_finite, ok)
+                else:
+                    block_finite[block] = tf.logical_and(block_finite[block], ok)
             norms[group.name] = tf.linalg.global_norm(group_grads)
             if self.clip_grad_norm:
                 group_grads, _ = tf.clip_by_global_norm(group_grads, self.clip_grad_norm, use_norm=norms[group.name])
@@ -347,7 +399,18 @@ class Trainer:
         metrics = {f"loss/{k}": v for k, v in losses.items()}
         metrics.update({f"total_loss/{k}": v for k, v in totals.items()})
         metrics.update({f"grad_norm/{k}": v for k, v in norms.items()})
-        return grads, metrics, finite
+        scaling = {}
+        if loss_scale is not None:
+            scaling["other_finite"] = other_finite
+            metrics["loss_scale"] = loss_scale
+        if scale_variables:
+            filtered = ctx.all_reduce("sum", filtered)
+            # A block's scale drops when it filtered anything or its own gradients overflowed.
+            scaling["blocks_finite"] = [tf.logical_and(ok, n == 0) for ok, n in zip(block_finite, filtered)]
+            metrics["resblock_scale/min"] = tf.reduce_min(block_scales)
+            metrics["resblock_scale/max"] = tf.reduce_max(block_scales)
+            metrics["resblock_filtered"] = tf.add_n(filtered)
+        return grads, metrics, finite, scaling
 
     def _replica_apply(self, grads):
         for group in self.groups:
@@ -365,9 +428,20 @@ class Trainer:
 
     def _train_step(self, batch, phase: int = 0):
         self.task.trace_phase = phase
-        grads, metrics, finite = self.strategy.run(self._replica_gradients, args=(batch, self.step.read_value()))
+        grads, metrics, finite, scaling = self.strategy.run(self._replica_gradients,
+                                                            args=(batch, self.step.read_value()))
         finite = self.strategy.experimental_local_results(finite)[0]
         metrics = {k: self.strategy.experimental_local_results(v)[0] for k, v in metrics.items()}
+        scaling = tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0], scaling)
+        # Scales move whether or not the update is applied (a skipped step is what lowers them).
+        if self.loss_scale is not None:
+            scale, good = gradient_scaling.next_scale(self.loss_scale, self.loss_scale_good_steps,
+                                                      tf.logical_not(scaling["other_finite"]),
+                                                      self.loss_scale_config[1], 1.0, 2.0**64)
+            self.loss_scale.assign(scale)
+            self.loss_scale_good_steps.assign(good)
+        for (scaler, _), ok in zip(self.scaled_blocks, scaling.get("blocks_finite", ())):
+            scaler.update(tf.logical_not(ok))
 
         def apply():
             self.strategy.run(self._replica_apply, args=(grads,))
