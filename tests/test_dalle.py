@@ -315,6 +315,7 @@ def test_12b_config_dry_run_counts_12_billion_parameters(tmp_path, capsys):
                       .replace(",", ""))
     d = 3968  # App. B.1: 64 layers, 62 heads of 64
     assert transformer == 64 * (12 * d * d + 13 * d) + 2 * d
+    assert "BPE_DROPOUT = 0.1" in out and "paired/StreamSpec.bpe_dropout = %BPE_DROPOUT" in out  # §2.2 fn. 5
 
 
 # -- the command-line chain on real records --------------------------------------------------------------
