@@ -10,6 +10,18 @@ calls per step, as ITIT T2I), and (2) `mmt.sampling.beam_search`: `--beam` beams
 random `TransformerStack` (width 128, depth 2): the numbers measure the samplers'
 overhead at small scale, not a paper-sized model.
 
+Then (3) autoregressive against parallel image decoding at one size (`--ar_size`, a
+name both `DALLE_SIZES` and `UPGEN_SIZES` have) and one image-token count
+(`--ar_grid` squared; 16 -> 256 tokens), after a `--ar_text_length` caption, random
+weights, one timed run each (`--ar_repeats`): DALL-E's `sample_image_tokens` with the
+KV cache (one position per step) and without it (the whole `[L + N]` buffer recomputed
+at every one of the N steps), and MaskGIT decoding (`upgen_inference.text_to_image`,
+no guidance: one call per step) with UPGen's bidirectional network of the same width,
+depth and heads over the same `[N + L]` positions, in `--parallel_steps` steps. Image
+tokens per second each; the JSON line adds `cache_speedup` (cached over uncached) and
+`parallel_vs_ar` (MaskGIT at 24 steps over cached AR). Only ratios within one run
+compare: the figures move with the machine's load.
+
 Measured (2 CPU cores, AVX-512, TensorFlow 2.21 XLA, defaults, 2026-11-26):
 
     decode       batch 8, 256 tokens, 24 steps, V 1024, guided: 0.63 s/batch
@@ -32,6 +44,10 @@ import numpy as np
 from keras import ops
 
 from mmt import layers, sampling
+from mmt.backend import FixedSeed
+from mmt.models import upgen_inference
+from mmt.models.dalle import DALLE, sample_image_tokens
+from mmt.models.upgen import UPGen
 
 import common
 
@@ -79,6 +95,14 @@ def main(argv=None) -> None:
     parser.add_argument("--beam", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ar_size", default="tiny", help="DALL-E and UPGen size name (tiny, B)")
+    parser.add_argument("--ar_grid", type=int, default=16, help="image grid side: 16 -> 256 image tokens")
+    parser.add_argument("--ar_text_length", type=int, default=32)
+    parser.add_argument("--ar_text_vocab", type=int, default=512)
+    parser.add_argument("--ar_batch", type=int, default=None, help="default: --batch")
+    parser.add_argument("--parallel_steps", default="12,24", help="MaskGIT step counts (24 gives parallel_vs_ar)")
+    parser.add_argument("--ar_repeats", type=int, default=1, help="timed runs of each AR / parallel sampler")
+    parser.add_argument("--skip_ar", action="store_true", help="only the two sampler-overhead figures")
     args = parser.parse_args(argv)
     common.print_command(argv)
     print(f"backend {keras.backend.backend()}")
@@ -118,7 +142,50 @@ def main(argv=None) -> None:
     print(f"beam_search  batch {args.batch}, beam {args.beam}, {args.text_length} tokens, "
           f"V {args.vocab}, cached: {seconds:.2f} s/batch")
     figures["beam_search_s_per_batch"] = round(seconds, 4)
+    if not args.skip_ar:
+        figures.update(ar_against_parallel(args))
     common.report("sampling", figures, argv)
+
+
+def ar_against_parallel(args) -> dict:
+    """DALL-E AR decoding (cached, uncached) and MaskGIT decoding with UPGen: image tokens per second."""
+    batch = args.ar_batch or args.batch
+    grid = (args.ar_grid, args.ar_grid)
+    n = grid[0] * grid[1]
+    common_args = dict(image_vocab_size=args.vocab, grid=grid, text_vocab_size=args.ar_text_vocab,
+                       text_length=args.ar_text_length)
+    dalle = DALLE(args.ar_size, **common_args)
+    dalle.build_all()
+    upgen = UPGen(args.ar_size, **common_args)
+    upgen.build_all()
+    print(f"AR vs parallel: size {args.ar_size} (width {dalle.cfg.width}, depth {dalle.cfg.depth}, "
+          f"heads {dalle.cfg.heads}), batch {batch}, text {args.ar_text_length} + image {n} tokens, "
+          f"V_i {args.vocab}, random weights, {args.ar_repeats} timed run(s) each")
+    rng = np.random.default_rng(0)
+    text_ids = rng.integers(4, args.ar_text_vocab, (batch, args.ar_text_length)).astype("int32")
+    seed = np.array([0, 0], "int32")
+    out, rates = {"ar_size": args.ar_size, "ar_image_tokens": n, "ar_batch": batch}, {}
+
+    for name, use_cache in (("dalle_cached", True), ("dalle_uncached", False)):
+        fn = compile_fn(lambda ids, s, use_cache=use_cache: sample_image_tokens(dalle, ids, FixedSeed(s),
+                                                                               use_cache=use_cache))
+        seconds = timed(fn, text_ids, seed, repeats=args.ar_repeats)
+        rates[name] = batch * n / seconds
+        print(f"{name:<16} {seconds:8.2f} s/batch  {rates[name]:10.1f} image tokens/s")
+    steps_list = [int(v) for v in args.parallel_steps.split(",") if v.strip()]
+    for steps in steps_list:
+        fn = compile_fn(lambda ids, s, steps=steps: upgen_inference.text_to_image(
+            upgen, ids, FixedSeed(s), num_steps=steps))
+        seconds = timed(fn, text_ids, seed, repeats=args.ar_repeats)
+        rates[f"maskgit_{steps}"] = batch * n / seconds
+        print(f"{f'maskgit {steps} steps':<16} {seconds:8.2f} s/batch  {rates[f'maskgit_{steps}']:10.1f} image tokens/s")
+    out.update({f"{k}_tokens_per_s": round(v, 2) for k, v in rates.items()})
+    out["cache_speedup"] = round(rates["dalle_cached"] / rates["dalle_uncached"], 3)
+    if 24 in steps_list:
+        out["parallel_vs_ar"] = round(rates["maskgit_24"] / rates["dalle_cached"], 3)
+    print(f"cache speedup (cached / uncached AR, {n} image tokens): {out['cache_speedup']:.2f}x"
+          + (f"; MaskGIT 24 steps / cached AR: {out['parallel_vs_ar']:.2f}x" if "parallel_vs_ar" in out else ""))
+    return out
 
 
 if __name__ == "__main__":
