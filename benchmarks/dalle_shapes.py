@@ -10,6 +10,7 @@ or score runs trained by hand (gin/dalle_tiny.gin's and gin/clip_tiny.gin's head
 their commands; the CLIP must read the DALL-E's tokens, or pixels):
 
     python benchmarks/dalle_shapes.py --dalle=/tmp/dalle_tiny --clip=/tmp/clip_tiny
+    python benchmarks/dalle_shapes.py --clip=/tmp/clip_tiny        # the CLIP's retrieval only
 
 Training (`--root`): shapes at 64x64 (paired 2,000 / image-only 4,000 / text-only 4,000 /
 eval 500, as the quickstart; `--data_scale` shrinks them), a 256-piece BPE vocabulary,
@@ -144,6 +145,23 @@ def _accuracy(images, captions) -> dict:
     return shapes_accuracy.t2i_accuracy(lambda batch: next(chunks), list(captions), batch_size=32)
 
 
+def clip_retrieval(clip, examples: int) -> dict:
+    """Caption -> image recall@1/@5 of a CLIP task over `examples` eval pairs (the gallery)."""
+    from mmt.data import shapes
+
+    pixel_clip = clip.model.image_input == "pixels"
+    if pixel_clip:
+        image_tokenizer, vocab, resolution = None, _vocab(clip.text_vocab_path), clip.model.image_size
+    else:
+        image_tokenizer, vocab = clip.tokenizers()
+        resolution = image_tokenizer.image_size
+    eval_examples = list(shapes.generate(shapes.ShapesConfig(resolution=resolution), "eval", examples))
+    images = np.stack([e.image for e in eval_examples])
+    ids = np.asarray(vocab.encode([e.caption for e in eval_examples], clip.model.text_length), np.int32)
+    gallery = images if pixel_clip else image_tokenizer.encode(images)
+    return {**clip.retrieval(gallery, ids), "gallery": examples}
+
+
 def score(dalle_workdir: str, clip_workdir: str, examples: int, seed: int, prompts_per_call: int = 8) -> dict:
     from mmt.data import shapes
     from mmt.restore import load_trained
@@ -182,9 +200,7 @@ def score(dalle_workdir: str, clip_workdir: str, examples: int, seed: int, promp
         chosen_images[n] = dvae.decode(chosen.samples[:, 0])
         results["rerank"][str(n)] = _accuracy(chosen_images[n], captions)
         results["rerank"][str(n)]["clip_score"] = float(np.mean(chosen.scores[:, 0]))
-    true_images = np.stack([e.image for e in eval_examples])
-    gallery = true_images if pixel_clip else dvae.encode(true_images)
-    results["clip_retrieval"] = {**clip.retrieval(gallery, clip_ids), "gallery": examples}
+    results["clip_retrieval"] = clip_retrieval(clip, examples)
     results["samples"] = {"captions": captions[:8], "n1": chosen_images[1][:8], "n16": chosen_images[n_max][:8]}
     return results
 
@@ -204,7 +220,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", help="train the dVAE, DALL-E and CLIP under this directory, then score")
     parser.add_argument("--dalle", help="a trained DALL-E workdir (or export) to score")
-    parser.add_argument("--clip", help="a trained CLIP workdir (or export) over the DALL-E's tokens, or pixels")
+    parser.add_argument("--clip", help="a trained CLIP workdir (or export) over the DALL-E's tokens, or pixels; "
+                        "alone: its retrieval only")
     parser.add_argument("--examples", type=int, default=200, help="eval captions")
     parser.add_argument("--steps", type=int, default=None, help="every training stage's TRAIN_STEPS (smoke runs)")
     parser.add_argument("--smoke", action="store_true", help="tiny networks and batches (with --steps)")
@@ -217,8 +234,19 @@ def main(argv=None) -> int:
         dalle_workdir, clip_workdir = train_all(args)
     elif args.dalle and args.clip:
         dalle_workdir, clip_workdir = args.dalle, args.clip
+    elif args.clip:
+        from mmt.restore import load_trained
+
+        clip, step = load_trained(args.clip)
+        figures = {"clip_workdir": args.clip, "clip_step": step, "clip_input": clip.model.image_input,
+                   "clip_retrieval": clip_retrieval(clip, args.examples)}
+        r = figures["clip_retrieval"]
+        print(f"CLIP ({clip.model.image_input}) at step {step}, caption -> image: recall@1 {r['recall@1']:.3f}  "
+              f"recall@5 {r['recall@5']:.3f}  (gallery {r['gallery']})")
+        common.report("dalle_shapes", figures, argv)
+        return 0
     else:
-        parser.error("give --root (train everything, then score) or both --dalle and --clip")
+        parser.error("give --root (train everything, then score), both --dalle and --clip, or --clip alone")
     results = score(dalle_workdir, clip_workdir, args.examples, args.seed)
     samples = results.pop("samples")
     print(f"DALL-E at step {results['dalle_step']}, CLIP ({results['clip_input']}) at step {results['clip_step']}: "
