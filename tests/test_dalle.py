@@ -21,7 +21,7 @@ from mmt.models.dalle import CONV, COLUMN, DALLE, ROW, layer_kinds, sample_image
 from mmt.sampling.autoregressive import _nucleus
 from mmt.tasks.dalle import DALLETask
 from mmt.training.trainer import Trainer
-from harness import assert_no_tensorflow, assert_xla_matches_eager, jax_check
+from harness import assert_no_tensorflow, assert_xla_matches_eager, check_layer, jax_check
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +62,17 @@ def test_model_modules_import_neither_tensorflow_nor_gin():
     files = ["mmt/models/dalle.py", "mmt/tasks/dalle.py", "mmt/sampling/autoregressive.py"]
     seen = assert_no_tensorflow(files, ["mmt.models.dalle", "mmt.tasks.dalle"])
     assert "mmt.layers" in seen
+
+
+def test_standard_checks_of_the_network():
+    """Config round trip, eager == XLA, mixed_bfloat16 (tests/harness.py) on the whole network."""
+    batch = _batch()
+    inputs = {"text_ids": batch["text_ids"], "image_tokens": batch["image_tokens"].reshape(B, N)}
+    network = {**NETWORK, "size_overrides": {"width": 32, "depth": 1, "heads": 2}}
+    # XLA reorders float32 sums (the longest: the MLP's 4 x 32 = 128 terms) and brings its
+    # own exp / erf / rsqrt (~16 along the chain); one block and the heads (tests/tolerances.py).
+    check_layer(lambda: DALLE(**network), inputs, xla_rtol=reordered_sum_rtol(128, steps=2, chained_ops=16),
+                mixed_dtype="float32", lazy_variables=True)
 
 
 @jax_check(modules=["mmt.models.dalle"], rtol=reordered_sum_rtol(128, chained_ops=16),
