@@ -361,3 +361,20 @@ def test_the_same_reranker_serves_upgen_samples():
                               seed=7)
     want = np.stack([pixels.score(decode(drawn[:, j]), text) for j in range(4)], axis=1).argmax(axis=1)
     np.testing.assert_array_equal(by_pixels.indices[:, 0], want)
+
+
+def test_clip_b_config_binds_clips_vit_b32_recipe():
+    import gin
+
+    from mmt import config as mmt_config
+    from mmt.models.clip import CLIP_SIZES
+
+    mmt_config.parse([str(REPO / "gin" / "clip_b.gin")], ["DATA_DIR = 'unused'"])
+    q = gin.query_parameter
+    assert q("%CLIP_SIZE") == "B" and q("%PAIRED_BATCH") == 32768 and q("%WARMUP_STEPS") == 2000
+    assert (q("AdamW.weight_decay"), q("AdamW.beta_2"), q("AdamW.epsilon")) == (0.2, 0.98, 1e-6)
+    assert q("%PEAK_LEARNING_RATE") == 5e-4
+    assert (q("%GRID"), q("%IMAGE_VOCAB_SIZE"), q("%TEXT_LENGTH")) == ((32, 32), 8192, 256)  # DALL-E's tokens
+    cfg = CLIP_SIZES["B"]  # CLIP Table 20, ViT-B/32
+    assert (cfg.width, cfg.depth, cfg.heads, cfg.text_width, cfg.text_depth, cfg.text_heads, cfg.embed_dim) == (
+        768, 12, 12, 512, 12, 8, 512)
