@@ -132,3 +132,19 @@ def test_load_task_and_export_hold_the_averaged_weights(tiny_data, tmp_path):
 def test_bad_decay_is_refused(tiny_data):
     with pytest.raises(ValueError, match="iterate_averaging"):
         _trainer(tiny_data["data_dir"], 1, iterate_averaging=1.5)
+
+
+def test_one_and_two_replicas_make_the_same_average(tiny_data, tmp_path):
+    from mmt.training import distribute
+    from tolerances import assert_close_to_scale, reordered_sum_rtol
+
+    one = _trainer(tiny_data["data_dir"], 2)
+    one.run(tmp_path / "one")
+    two = _trainer(tiny_data["data_dir"], 2)
+    two.run(tmp_path / "two", strategy=distribute.make_strategy(cpu_replicas=2))
+    assert two.strategy.num_replicas_in_sync == 2 and int(two.averaging_updates.numpy()) == 2
+    # As tests/test_trainer.py: gradients sum 8 x 16 tokens in another order (+1 all-reduce
+    # addition) over two steps; the average is a convex combination of the iterates.
+    names = sorted(_averages(one))
+    assert_close_to_scale([_averages(two)[n] for n in names], [_averages(one)[n] for n in names],
+                          reordered_sum_rtol(8 * 16 + 1, steps=2), "averages")

@@ -180,7 +180,7 @@ def test_non_finite_in_one_block_is_filtered_and_lowers_only_its_scale(policy):
     assert all(np.isfinite(g).all() for n, g in grads.items() if n.startswith(("block_0", "block_2")))
     for block, count in zip(stack.blocks, counts):
         block.gradient_scale.update(count > 0)
-    scales = [float(b.gradient_scale.scale.value) for b in stack.blocks]
+    scales = [float(keras.ops.convert_to_numpy(b.gradient_scale.scale)) for b in stack.blocks]
     assert scales == [1.0, 2.0**29, 1.0]
     assert [float(b.gradient_scale.good_steps.value) for b in stack.blocks] == [1.0, 0.0, 1.0]
 
@@ -262,7 +262,7 @@ def test_trainer_lowers_only_the_overflowing_blocks_scale_and_checkpoints_the_sc
                        task=functools.partial(_StackTask, overflow_block=1))
     result = trainer.run(tmp_path)
     stack = trainer.task.model.get_layer("stack")
-    scales = [float(b.gradient_scale.scale.value) for b in stack.blocks]
+    scales = [float(keras.ops.convert_to_numpy(b.gradient_scale.scale)) for b in stack.blocks]
     # Block 1 overflowed at both steps (2^40, then 2^39): both skipped, its scale halved
     # twice; the other blocks and the global loss scale did not move.
     assert scales == [1.0, 2.0**38, 1.0]
@@ -283,3 +283,15 @@ def test_trainer_mixed_float16_trains_with_finite_losses(tiny_data, tmp_path, po
     assert result.skipped_steps == 0 and np.isfinite(result.last_losses["loss/ce"])
     assert result.last_losses["resblock_filtered"] == 0.0
     assert all(v.dtype == "float32" for v in trainer.task.model.weights)
+
+
+def test_trainer_resblock_scaling_under_two_replicas(tiny_data, tmp_path, policy):
+    from mmt.training import distribute
+
+    trainer = _trainer(tiny_data["data_dir"], 2, precision="mixed_float16",
+                       resblock_gradient_scaling={"initial_scale": 1.0, "growth_interval": 1000},
+                       task=functools.partial(_StackTask, overflow_block=2))
+    result = trainer.run(tmp_path, strategy=distribute.make_strategy(cpu_replicas=2))
+    assert trainer.strategy.num_replicas_in_sync == 2 and result.skipped_steps == 2
+    stack = trainer.task.model.get_layer("stack")
+    assert [float(keras.ops.convert_to_numpy(b.gradient_scale.scale)) for b in stack.blocks] == [1.0, 1.0, 2.0**38]

@@ -220,7 +220,10 @@ class Task:
 
         Default: the model's weights and the task's arguments (`mmt.tasks.exports`), which
         `mmt.generate` / `mmt.evaluate` load under any Keras backend. Tokenizer tasks
-        write the tokenizer instead (`ImageTokenizer.save`).
+        write the tokenizer instead (`ImageTokenizer.save`). With
+        `Trainer.iterate_averaging` the trainer calls this (and `evaluate`,
+        `image_summaries`, `histogram_summaries`) while the model holds the averaged
+        weights, so a task needs no code of its own for it.
         """
         from mmt.tasks import exports
 
