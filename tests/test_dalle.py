@@ -271,7 +271,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_loss_gradients_and_sampling_xla_equal_eager():
-    task = DALLETask(network={**NETWORK, "size_overrides": {"width": 32, "depth": 2, "heads": 2}})
+    task = DALLETask(network={**NETWORK, "size_overrides": {"width": 32, "depth": 1, "heads": 2}})
     task.build()
     m = task.model
     batch = {k: tf.constant(v) for k, v in _batch().items()}
@@ -290,6 +290,11 @@ def test_loss_gradients_and_sampling_xla_equal_eager():
     # Sampling draws integers only (mmt.backend): the same codes either way.
     run = lambda t: sample_image_tokens(m, t, FixedSeed(tf.constant([5, 0])), top_p=0.9)  # noqa: E731
     assert_xla_matches_eager(run, batch["text_ids"], rtol=0.0)
+    # The task's hook (what generation, evaluation and reranking call), compiled or not.
+    compiled = task.text_to_image_tokens(_batch()["text_ids"], seed=2, top_k=4)
+    task.compile_inference = False
+    np.testing.assert_array_equal(compiled, task.text_to_image_tokens(_batch()["text_ids"], seed=2, top_k=4))
+    assert compiled.shape == (B, *GRID) and compiled.dtype == np.int32
 
 
 # -- gin configs ----------------------------------------------------------------------------------------
