@@ -3,16 +3,18 @@
 DALL-E §2.2 (footnote 5) trains with 10% BPE dropout on its BPE-encoded captions.
 BPE dropout segments a word as BPE does -- start from characters, repeatedly apply the
 best-ranked merge available -- except that at every merge step each available merge
-is dropped with probability p (Provilkov et al. §3); when every available merge of a
-caption is dropped, its segmentation stops. p = 0 is plain BPE, p = 1 gives characters.
-Inference (and evaluation) uses plain BPE.
+is dropped with probability p (Provilkov et al. §3, Algorithm 1); when every available
+merge of a word is dropped, that word's segmentation stops. p = 0 is plain BPE, p = 1
+gives characters. Inference (and evaluation) uses plain BPE. At p = 0.1 a shapes
+caption (BPE vocabulary of 256) grows from 18.9 to 24.1 pieces on average, and 95% of
+captions differ from their plain segmentation: a stream's `text_length` needs room.
 
 Why not tensorflow-text's `SentencepieceTokenizer(nbest_size=-1, alpha=p)`: for a BPE
 model it does sample BPE dropout, but its random generator is SentencePiece's own
-thread-local one, with no seed argument (neither `tf.random.set_seed` nor the
-sentencepiece package's `set_random_generator_seed` reaches the copy linked into
-tensorflow-text), so a resumed run would draw other segmentations than the run it
-resumes. Here every draw is `tf.random.stateless_uniform` keyed by the caller's seed
+thread-local one, with no seed argument: with `tf.random.set_seed(0)` and the
+sentencepiece package's `set_random_generator_seed(0)`, two processes draw different
+segmentations of the same captions (checked 2026-12-03), so a resumed run would draw
+other segmentations than the run it resumes. Here every draw is `tf.random.stateless_uniform` keyed by the caller's seed
 and the merge step, so the same (seed, captions) always give the same ids. (Its
 sampling is also SentencePiece's variant, which skips a merge for good once drawn,
 rather than redrawing at every step.)
@@ -25,8 +27,11 @@ model's own), pieces unknown to the vocabulary stay as they are and never merge,
 runs of unknown pieces collapse into one, as `SentencePieceProcessor::Encode` does. With
 p = 0 the ids equal SentencePiece's (tests/test_bpe_dropout.py).
 
-Cost: one merge per caption per loop step, each step O(batch x characters) string
-concatenations and hash lookups, as many steps as the longest caption has merges.
+Cost: words are merged in parallel, one merge per word per loop step; each step costs
+O(batch x characters) string concatenations and hash lookups, for as many steps as the
+longest word has merges. Measured in tf.data on 2 loaded cores (load average 11):
+shapes captions, batches of 16 / 64 / 256, 10 / 42 / 145 ms per batch (1 / 2 / 6 ms
+reading the stored ids).
 """
 
 from __future__ import annotations
