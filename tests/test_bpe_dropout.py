@@ -311,3 +311,19 @@ def test_bad_settings_are_user_errors(bpe, data_dir, tmp_path):
     with pytest.raises(pipeline.BPEDropoutConfigError, match="StreamSpec.text_vocab"):
         pipeline.stream_dataset(spec(str(nameless), RATE), seed=0, eos_id=1, pad_id=0)
     assert batches(spec(str(nameless), RATE, text_vocab=bpe.source), 1)  # named in the spec: works
+
+
+def test_quickstart_data_with_a_bpe_vocabulary_feeds_a_dropout_stream(tmp_path):
+    from mmt import quickstart
+
+    summary = quickstart.run(str(tmp_path / "qs"), shapes.ShapesConfig(resolution=32),
+                             {"paired": 32, "text_only": 64}, vocab_size=120, vocab_model_type="bpe",
+                             num_shards=1, grid_samples=2, show_progress=False)
+    vocab = text.TextTokenizer.from_file(summary["vocabulary"])
+    assert vocab.model_type == "bpe"
+    # No StreamSpec.text_vocab: the manifest names the vocabulary.
+    stream = pipeline.StreamSpec(summary["data_dir"], "paired", 8, fields=("text_ids", "caption"),
+                                 text_length=LENGTH, bpe_dropout=RATE, shuffle_buffer=32)
+    for batch in batches(stream, 3):
+        captions = [c.decode() for c in batch["caption"]]
+        assert vocab.decode(batch["text_ids"]) == captions
