@@ -295,3 +295,54 @@ def test_trainer_resblock_scaling_under_two_replicas(tiny_data, tmp_path, policy
     assert trainer.strategy.num_replicas_in_sync == 2 and result.skipped_steps == 2
     stack = trainer.task.model.get_layer("stack")
     assert [float(keras.ops.convert_to_numpy(b.gradient_scale.scale)) for b in stack.blocks] == [1.0, 1.0, 2.0**38]
+
+
+_JAX_SCRIPT = r'''
+import os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+import jax, jax.numpy as jnp, numpy as np
+from mmt.layers.transformer import TransformerStack
+assert "tensorflow" not in sys.modules, "the layers imported TensorFlow"
+
+def build(scaling):
+    stack = TransformerStack(2, num_heads=2, mlp_dim=32, gradient_scaling=scaling, name="stack")
+    stack.build((2, 4, 16))
+    return stack
+
+plain, scaled = build(False), build({"initial_scale": 1024.0})
+values = {v.path: np.array(v) for v in plain.trainable_variables}
+for v in scaled.trainable_variables:
+    v.assign(values[v.path])
+rng = np.random.default_rng(0)
+x, r = (jnp.asarray(rng.normal(size=(2, 4, 16)), jnp.float32) for _ in range(2))
+
+def grads(stack):
+    def loss(trainable, non_trainable, x):
+        out, _ = stack.stateless_call(trainable, non_trainable, x)
+        return jnp.sum(out * r)
+    tv = [v.value for v in stack.trainable_variables]
+    ntv = [v.value for v in stack.non_trainable_variables]
+    return jax.grad(loss, argnums=(0, 1, 2))(tv, ntv, x)
+
+gp, _, xp = grads(plain)
+gs, counts, xs = grads(scaled)
+for v, a, b in zip(scaled.trainable_variables, gp, gs):
+    b = b / 1024.0 if "block_" in v.path else b  # the trainer's unscaling of branch parameters
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=RTOL * float(jnp.abs(a).max()), err_msg=v.path)
+np.testing.assert_allclose(np.asarray(xs), np.asarray(xp), rtol=0, atol=RTOL * float(jnp.abs(xp).max()))
+assert all(float(c) == 0.0 for c in counts), counts
+print("ok")
+'''
+
+
+def test_jax_backend_stack_gradients_equal_those_without_the_wrapper():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("jax")
+    rtol = reordered_sum_rtol(B * T, chained_ops=2 * DEPTH)  # as the TensorFlow case
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", _JAX_SCRIPT.replace("RTOL", repr(rtol))], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
