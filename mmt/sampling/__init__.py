@@ -4,7 +4,7 @@
   (ITIT's truncated Gaussian, UPGen's uniform) and exact-count random masks.
 - `parallel_decode.decode`: MaskGIT / Muse iterative decoding with classifier-free
   guidance (ITIT T2I, UPGen in both directions).
-- `autoregressive`: greedy, sampling (DALL-E) and beam search (ITIT I2T), with a
+- `autoregressive`: greedy, sampling (DALL-E: temperature, top-k, top-p) and beam search (ITIT I2T), with a
   fixed-buffer or a KV-cached `logits_fn`.
 
 `keras.ops` only -- importing this package does not import TensorFlow, and every
