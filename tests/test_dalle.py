@@ -370,10 +370,10 @@ def test_train_then_generate_pngs_and_samples_from_the_command_line(tiny_data, t
     assert "completed at step 2" in result.stdout
 
     generate = [sys.executable, "-m", "mmt.generate", f"--workdir={workdir}", "--prompt=a red circle",
-                "--prompt=two blue squares", "--temperature=0.5", "--top_k=8"]
+                "--prompt=two blue squares", "--unconditional=2", "--temperature=0.5", "--top_k=8"]
     result = subprocess.run(generate, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("000_a_red_circle.png", "001_two_blue_squares.png"):
+    for name in ("000_a_red_circle.png", "001_two_blue_squares.png", "unconditional_001.png"):
         with Image.open(workdir / "generated" / name) as image:
             assert image.size == (32, 32)
 

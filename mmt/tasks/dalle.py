@@ -15,8 +15,9 @@ BPE dropout (§2.2 footnote 5, 10%) acts in tf.data on the records' `text/captio
 
 Hooks for generation and evaluation: `text_to_image(captions, seed=, **options)`
 (what `mmt.generate --prompt` and `mmt.evaluation.shapes_accuracy` call),
-`text_to_image_tokens(text_ids, seed=, **options)`, and `sample_images(captions,
-num_samples, seed=, **options)` (several samples per caption, for reranking, §2.6).
+`text_to_image_tokens(text_ids, seed=, **options)`, `sample_images(captions,
+num_samples, seed=, **options)` (several samples per caption, for reranking, §2.6) and
+`unconditional_images(count, seed=, **options)` (from an all-pad caption).
 Options: temperature, top_k, top_p, use_cache (defaults from `generation`).
 """
 
@@ -179,6 +180,14 @@ class DALLETask(TokenizerFiles, Task):
         """Captions -> (uint8 images `[N, H, W, 3]` decoded by the dVAE, int32 codes `[N, h, w]`)."""
         image_tokenizer, _ = self.tokenizers()
         grid = self.text_to_image_tokens(self.encode_captions(texts), seed, **options)
+        return image_tokenizer.decode(grid), grid
+
+    def unconditional_images(self, count: int, seed: int = 0, **options):
+        """`count` images from an empty caption (every slot its learned pad, §2.2) ->
+        (uint8 `[count, H, W, 3]`, int32 codes `[count, h, w]`)."""
+        image_tokenizer, _ = self.tokenizers()
+        empty = np.full((int(count), self.model.text_length), self.model.pad_id, np.int32)
+        grid = self.text_to_image_tokens(empty, seed, **options)
         return image_tokenizer.decode(grid), grid
 
     def sample_images(self, texts, num_samples: int, seed: int = 0, **options):
