@@ -20,14 +20,16 @@ then `gin/dalle_tiny.gin` and `gin/clip_tiny.gin` on the paired split -- each st
 completed export is reused. `--steps` sets every stage's TRAIN_STEPS (a smoke run);
 `--smoke` also shrinks the networks and batches.
 
-Scoring: for `--examples` eval captions, DALL-E draws 16 samples each (temperature 1, no
-truncation, DALL-E §2.6); the CLIP scores every (caption, sample) pair on the dVAE codes
-(or on decoded pixels, for a pixel CLIP). Reranking at N keeps the best of the first N
-samples (nested draws: one set of 16 serves N = 1, 4, 16), and its image is decoded and
-read back by the shapes detector (`mmt.evaluation.shapes_accuracy`). "no_rerank" scores
-all 16 samples of each caption (the expected accuracy of one unranked sample, with 16x
-the examples of N = 1). The CLIP's caption -> image recall@1/@5 is measured over the
-same eval examples' true images (a gallery of `--examples`).
+Scoring: for `--examples` eval captions, the generator draws 16 samples each (DALL-E:
+temperature 1, no truncation, §2.6); the CLIP scores every (caption, sample) pair -- a
+token CLIP on the sampled codes (it must read the generator's tokenizer: the dVAE's), a
+pixel CLIP on the decoded images. Reranking at N keeps the best of the first N samples
+(nested draws: one set of 16 serves N = 1, 4, 16), read back by the shapes detector
+(`mmt.evaluation.shapes_accuracy`). "no_rerank" scores all 16 samples of each caption
+(the expected accuracy of one unranked sample, with 16x the examples of N = 1). The
+CLIP's caption -> image recall@1/@5 is measured over the same eval examples' true images
+(a gallery of `--examples`). `--generator` (alias of `--dalle`) takes any text-to-image
+workdir -- UPGen, ITIT -- with a pixel CLIP: the same reranker for every model.
 
 Targets (issue 20): DALL-E tiny >= 50% attribute accuracy without reranking, and N = 16
 better than N = 1.
@@ -162,42 +164,60 @@ def clip_retrieval(clip, examples: int) -> dict:
     return {**clip.retrieval(gallery, ids), "gallery": examples}
 
 
-def score(dalle_workdir: str, clip_workdir: str, examples: int, seed: int, prompts_per_call: int = 8) -> dict:
+def _resize(images, size: int):
+    """uint8 [N, R, R, 3] -> [N, size, size, 3] by pixel repetition (size a multiple of R)."""
+    factor, rest = divmod(size, images.shape[1])
+    if rest or not factor:
+        raise SystemExit(f"the CLIP reads {size}x{size} images, the generator makes {images.shape[1]}x"
+                         f"{images.shape[1]}: train the CLIP at a multiple of the generator's resolution")
+    return np.repeat(np.repeat(images, factor, axis=1), factor, axis=2)
+
+
+def score(generator_workdir: str, clip_workdir: str, examples: int, seed: int, prompts_per_call: int = 8) -> dict:
+    """Samples 16 images per eval caption from any text-to-image workdir, reranks them with the CLIP.
+
+    The generator is any task with `text_to_image(captions, seed=) -> (uint8 images, codes)`
+    (DALL-E, UPGen, ITIT). A token CLIP scores the codes (it must read the generator's image
+    tokenizer); a pixel CLIP scores the images (resized to its resolution).
+    """
     from mmt.data import shapes
     from mmt.restore import load_trained
     from mmt.sampling import rerank
 
-    dalle, dalle_step = load_trained(dalle_workdir)
+    generator, generator_step = load_trained(generator_workdir)
     clip, clip_step = load_trained(clip_workdir)
-    dvae = dalle.tokenizers()[0]
-    clip_vocab = clip.tokenizers()[1] if clip.image_tokenizer_path else _vocab(clip.text_vocab_path)
-    pixel_clip = clip.model.image_input == "pixels"
-    clip_score = rerank.decode_then_score(dvae.decode, clip.score) if pixel_clip else clip.score
-    eval_examples = list(shapes.generate(shapes.ShapesConfig(resolution=dvae.image_size), "eval", examples))
+    token_clip = clip.model.image_input == "tokens"
+    if token_clip and clip.image_tokenizer_fingerprint != generator.image_tokenizer_fingerprint:
+        raise SystemExit(f"the CLIP {clip_workdir} reads the codes of {clip.image_tokenizer_path}, the generator "
+                         f"samples those of {generator.image_tokenizer_path}: train the CLIP on the generator's "
+                         "tokens, or a pixel CLIP (gin/clip_tiny_pixels.gin)")
+    clip_vocab = clip.tokenizers()[1] if token_clip else _vocab(clip.text_vocab_path)
+    resolution = generator.tokenizers()[0].image_size
+    eval_examples = list(shapes.generate(shapes.ShapesConfig(resolution=resolution), "eval", examples))
     captions = [e.caption for e in eval_examples]
-    dalle_ids = dalle.encode_captions(captions)
     clip_ids = np.asarray(clip_vocab.encode(captions, clip.model.text_length), np.int32)
     n_max = max(RERANK_N)
-    sample = rerank.repeat_sampler(lambda ids, s: dalle.text_to_image_tokens(ids, s))
     start = time.perf_counter()
-    tokens, scores = [], []
+    images, scores = [], []
     for i in range(0, examples, prompts_per_call):
-        ids = dalle_ids[i:i + prompts_per_call]
-        short = prompts_per_call - len(ids)  # pad the last call: one compiled shape
-        drawn = sample(np.concatenate([ids, np.repeat(ids[-1:], short, axis=0)]), n_max, seed + i)[:len(ids)]
-        tokens.append(drawn)
-        scores.append(rerank.score_samples(clip_score, drawn, clip_ids[i:i + prompts_per_call]))
-    tokens, scores = np.concatenate(tokens), np.concatenate(scores)  # [P, 16, h, w], [P, 16]
-    sampling_seconds = time.perf_counter() - start
-    results = {"dalle_workdir": dalle_workdir, "dalle_step": dalle_step, "clip_workdir": clip_workdir,
-               "clip_step": clip_step, "clip_input": clip.model.image_input, "examples": examples,
-               "samples_per_caption": n_max, "sampling_and_scoring_seconds": round(sampling_seconds, 1)}
-    every = dvae.decode(tokens.reshape(-1, *tokens.shape[2:]))  # [P * 16, H, W, 3], caption-major
-    results["no_rerank"] = _accuracy(every, np.repeat(captions, n_max))
+        chunk = captions[i:i + prompts_per_call]
+        padded = chunk + chunk[-1:] * (prompts_per_call - len(chunk))  # one compiled shape
+        drawn, codes = generator.text_to_image(list(np.repeat(padded, n_max)), seed=seed + i)  # caption-major
+        drawn = np.asarray(drawn)[:len(chunk) * n_max]
+        candidates = np.asarray(codes)[:len(chunk) * n_max] if token_clip else _resize(drawn, clip.model.image_size)
+        ids = np.repeat(clip_ids[i:i + len(chunk)], n_max, axis=0)
+        images.append(drawn.reshape(len(chunk), n_max, *drawn.shape[1:]))
+        scores.append(clip.score(candidates, ids).reshape(len(chunk), n_max))
+    images, scores = np.concatenate(images), np.concatenate(scores)  # [P, 16, H, W, 3], [P, 16]
+    results = {"generator_workdir": generator_workdir, "generator": type(generator).__name__,
+               "generator_step": generator_step, "clip_workdir": clip_workdir, "clip_step": clip_step,
+               "clip_input": clip.model.image_input, "examples": examples, "samples_per_caption": n_max,
+               "sampling_and_scoring_seconds": round(time.perf_counter() - start, 1)}
+    results["no_rerank"] = _accuracy(images.reshape(-1, *images.shape[2:]), np.repeat(captions, n_max))
     results["rerank"], chosen_images = {}, {}
     for n in RERANK_N:
-        chosen = rerank.select(tokens[:, :n], scores[:, :n], 1)
-        chosen_images[n] = dvae.decode(chosen.samples[:, 0])
+        chosen = rerank.select(images[:, :n], scores[:, :n], 1)
+        chosen_images[n] = chosen.samples[:, 0]
         results["rerank"][str(n)] = _accuracy(chosen_images[n], captions)
         results["rerank"][str(n)]["clip_score"] = float(np.mean(chosen.scores[:, 0]))
     results["clip_retrieval"] = clip_retrieval(clip, examples)
@@ -219,7 +239,9 @@ def _line(name: str, s: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", help="train the dVAE, DALL-E and CLIP under this directory, then score")
-    parser.add_argument("--dalle", help="a trained DALL-E workdir (or export) to score")
+    parser.add_argument("--dalle", "--generator", dest="dalle",
+                        help="a trained DALL-E workdir (or export) to score; any text-to-image workdir (UPGen, "
+                             "ITIT) works with a pixel CLIP")
     parser.add_argument("--clip", help="a trained CLIP workdir (or export) over the DALL-E's tokens, or pixels; "
                         "alone: its retrieval only")
     parser.add_argument("--examples", type=int, default=200, help="eval captions")
@@ -249,7 +271,8 @@ def main(argv=None) -> int:
         parser.error("give --root (train everything, then score), both --dalle and --clip, or --clip alone")
     results = score(dalle_workdir, clip_workdir, args.examples, args.seed)
     samples = results.pop("samples")
-    print(f"DALL-E at step {results['dalle_step']}, CLIP ({results['clip_input']}) at step {results['clip_step']}: "
+    print(f"{results['generator']} at step {results['generator_step']}, CLIP ({results['clip_input']}) at step "
+          f"{results['clip_step']}: "
           f"{args.examples} eval captions, {results['samples_per_caption']} samples each "
           f"({results['sampling_and_scoring_seconds']:.0f}s)")
     print(_line("no rerank", results["no_rerank"]))
