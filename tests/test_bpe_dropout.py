@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import tensorflow as tf
 
 from mmt.data import manifests, pipeline, shapes
@@ -21,6 +22,10 @@ from mmt.tokenizers import text
 
 SPACE = "\u2581"
 RATE = 0.1
+
+
+def processor(vocab) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_proto=vocab.model_proto)
 
 
 def shapes_captions(n, split="paired", start=0):
@@ -46,7 +51,7 @@ def test_model_type_is_read_from_the_model(bpe, tmp_path):
     unigram = text.train_sentencepiece(shapes_captions(100), tmp_path / "u.model", vocab_size=100)
     assert unigram.model_type == "unigram"
     # A BPE model segments with its merges: whole frequent words become one piece.
-    assert bpe.tokenize("a red circle") == [[bpe._sp.PieceToId(SPACE + w) for w in ("a", "red", "circle")]]
+    assert bpe.tokenize("a red circle") == [[processor(bpe).PieceToId(SPACE + w) for w in ("a", "red", "circle")]]
 
 
 def test_lowercase_vocabulary_folds_case(tmp_path):
@@ -56,7 +61,7 @@ def test_lowercase_vocabulary_folds_case(tmp_path):
     assert folded.tokenize("A Large RED circle") == folded.tokenize("a large red circle")
     assert folded.decode(folded.encode(["A Large RED circle"], 16)) == ["a large red circle"]
     # No upper-case piece was learned.
-    assert all(p == p.lower() for p in (folded._sp.IdToPiece(i) for i in range(folded.vocab_size)))
+    assert all(p == p.lower() for p in (processor(folded).IdToPiece(i) for i in range(folded.vocab_size)))
 
 
 def test_command_line_trains_a_bpe_vocabulary(tmp_path, capsys):
@@ -89,7 +94,7 @@ def test_rate_zero_is_sentencepiece_bpe(bpe, dropout):
 def test_rate_one_gives_characters(bpe, dropout):
     texts = ["a red circle", "Zebra ÿÿ!"]
     got = dropout.tokenize(tf.constant(texts), 1.0, [0, 1]).to_list()
-    sp = bpe._sp
+    sp = processor(bpe)
     for caption, ids in zip(texts, got):
         expected = []
         for piece in (sp.IdToPiece(i) for i in bpe.tokenize(caption)[0]):
@@ -128,13 +133,14 @@ def exact_distribution(word: str, vocab: dict, p: float) -> dict:
 
 
 def piece_scores(bpe):
-    sp = bpe._sp
+    sp = processor(bpe)
     return {sp.IdToPiece(i): sp.GetScore(i) for i in range(bpe.vocab_size)
             if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i))}
 
 
 def test_dropout_matches_the_exact_distribution_on_words(bpe, dropout):
     vocab = piece_scores(bpe)
+    sp = processor(bpe)
     n = 4000
     for word in ("triangle", "yellow"):
         exact = exact_distribution(SPACE + word, vocab, RATE)
@@ -142,7 +148,7 @@ def test_dropout_matches_the_exact_distribution_on_words(bpe, dropout):
         ids = dropout.tokenize(tf.constant([word] * n), RATE, [7, 11]).to_list()
         counts = {}
         for row in ids:
-            key = tuple(bpe._sp.IdToPiece(i) for i in row)
+            key = tuple(sp.IdToPiece(i) for i in row)
             counts[key] = counts.get(key, 0) + 1
         assert set(counts) <= set(exact), f"segmentations outside the support: {set(counts) - set(exact)}"
         for segmentation, prob in exact.items():
@@ -151,7 +157,7 @@ def test_dropout_matches_the_exact_distribution_on_words(bpe, dropout):
             tolerance = 4.5 * math.sqrt(n * prob * (1 - prob)) + 1
             assert abs(counts.get(segmentation, 0) - n * prob) <= tolerance, (word, segmentation, prob)
         # The plain segmentation is the single most likely one, and far from certain.
-        plain = tuple(bpe._sp.IdToPiece(i) for i in bpe.tokenize(word)[0])
+        plain = tuple(sp.IdToPiece(i) for i in bpe.tokenize(word)[0])
         assert max(exact, key=exact.get) == plain and exact[plain] < 0.9
 
 
@@ -164,11 +170,12 @@ def test_captions_vary_as_predicted_and_decode_unchanged(bpe, dropout):
     # Words are segmented independently: a caption keeps its plain segmentation with the
     # product of its words' exact probabilities of doing so.
     vocab = piece_scores(bpe)
+    sp = processor(bpe)
 
     @functools.lru_cache(maxsize=None)
     def p_plain(word):
         exact = exact_distribution(word, vocab, RATE)
-        return exact.get(tuple(bpe._sp.IdToPiece(i) for i in bpe.tokenize(word.replace(SPACE, " "))[0]), 0.0)
+        return exact.get(tuple(sp.IdToPiece(i) for i in bpe.tokenize(word.replace(SPACE, " "))[0]), 0.0)
 
     keep = [math.prod(p_plain(SPACE + w) for w in c.split()) for c in captions]
     differing = sum(list(a) != list(b) for a, b in zip(got, plain))

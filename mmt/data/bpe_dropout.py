@@ -40,6 +40,7 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 
+from mmt.data.vocab_files import proto_model_type
 from mmt.errors import UserError
 
 _NO_RANK = np.iinfo(np.int32).max
@@ -54,22 +55,35 @@ class NotBPEVocabularyError(UserError, ValueError):
 class BPEDropout:
     """Re-tokenizes captions with BPE dropout, inside tf.data.
 
-    Build it from a `mmt.tokenizers.text.TextTokenizer` whose model is BPE; call
-    `tokenize(texts, rate, seed)` in a `Dataset.map`.
+    Build it from a BPE SentencePiece model (its bytes, or a
+    `mmt.tokenizers.text.TextTokenizer`); call `tokenize(texts, rate, seed)` in a
+    `Dataset.map`.
     """
 
-    def __init__(self, tokenizer, where: str = ""):
-        """Args: tokenizer: a BPE `TextTokenizer`; where: names the configuration in errors."""
-        if tokenizer.model_type != "bpe":
+    def __init__(self, vocabulary, source: str = "", where: str = ""):
+        """Args:
+          vocabulary: the model's serialized bytes, or an object with `model_proto`
+            (and `source`), such as a `TextTokenizer`.
+          source: where the model came from, for errors.
+          where: names the configuration in errors.
+        """
+        model_proto = bytes(getattr(vocabulary, "model_proto", vocabulary))
+        source = source or getattr(vocabulary, "source", "<bytes>")
+        model_type = proto_model_type(model_proto)
+        if model_type != "bpe":
             raise NotBPEVocabularyError(
-                f"{where + ': ' if where else ''}BPE dropout needs a BPE vocabulary, but {tokenizer.source} is a "
-                f"SentencePiece {tokenizer.model_type} model; set bpe_dropout to 0, or train a BPE vocabulary "
+                f"{where + ': ' if where else ''}BPE dropout needs a BPE vocabulary, but {source} is a "
+                f"SentencePiece {model_type} model; set bpe_dropout to 0, or train a BPE vocabulary "
                 "(mmt.tokenizers.text.train_sentencepiece(..., model_type='bpe'), "
                 "`python -m mmt.tokenizers.text --model_type=bpe`) and tokenize the data with it"
             )
-        self.tokenizer = tokenizer
+        import tensorflow_text as tf_text
+
+        # The plain segmentation, as `TextTokenizer.tf_tokenize` makes it.
+        self._plain = tf_text.SentencepieceTokenizer(model=model_proto, out_type="int32", add_bos=False,
+                                                     add_eos=False)
         sp = spm.SentencePieceProcessor()
-        sp.LoadFromSerializedProto(tokenizer.model_proto)
+        sp.LoadFromSerializedProto(model_proto)
         size = sp.GetPieceSize()
         pieces = [sp.IdToPiece(i) for i in range(size)]
         # Only normal pieces are merge results (bpe_model.cc looks merges up in the
@@ -115,7 +129,7 @@ class BPEDropout:
 
     def _characters(self, texts: tf.Tensor) -> tuple[tf.RaggedTensor, tf.RaggedTensor]:
         """The plain segmentation split into characters; unknown pieces kept whole."""
-        ids = tf.cast(self.tokenizer.tf_tokenize(texts), tf.int64)  # ragged [B, P]
+        ids = tf.cast(self._plain.tokenize(texts), tf.int64)  # ragged [B, P]
         flat_ids = ids.flat_values  # (sum P,)
         piece_frozen = tf.gather(self._frozen_id, flat_ids)  # (sum P,)
         chars = tf.strings.unicode_split(tf.gather(self._pieces, flat_ids), "UTF-8")  # ragged [sum P, C]

@@ -383,7 +383,7 @@ def _make_parser(
 def _bpe_dropout(spec: StreamSpec, manifest: manifests.Manifest):
     """The `BPEDropout` that re-tokenizes `spec`'s captions, with its vocabulary checked."""
     from mmt.data.bpe_dropout import BPEDropout
-    from mmt.tokenizers.text import TextTokenizer
+    from mmt.data.vocab_files import resolve_model_file, vocab_fingerprint
 
     where = f"stream {spec.name!r} ({spec.data_dir}, split {spec.split!r})"
     path = spec.text_vocab or manifest.options.get("text_vocab")
@@ -393,15 +393,16 @@ def _bpe_dropout(spec: StreamSpec, manifest: manifests.Manifest):
             "manifest's options['text_vocab'] names the vocabulary; set StreamSpec.text_vocab to the "
             "SentencePiece model the data was tokenized with"
         )
-    tokenizer = TextTokenizer.from_file(path)
+    model_file = resolve_model_file(path)
+    model_proto = model_file.read_bytes()
     recorded = None if manifest.text_vocab is None else manifest.text_vocab.fingerprint
-    if recorded != tokenizer.fingerprint():
+    if recorded != vocab_fingerprint(model_proto):
         raise manifests.FingerprintMismatchError(
-            f"{where}: BPE dropout would re-tokenize captions with {tokenizer.source} "
-            f"({tokenizer.fingerprint()}), but the data's text/ids were made with {recorded!r}; set "
+            f"{where}: BPE dropout would re-tokenize captions with {model_file} "
+            f"({vocab_fingerprint(model_proto)}), but the data's text/ids were made with {recorded!r}; set "
             "StreamSpec.text_vocab to the vocabulary the data was tokenized with"
         )
-    return BPEDropout(tokenizer, where=f"{where}, StreamSpec.bpe_dropout={spec.bpe_dropout}")
+    return BPEDropout(model_proto, source=str(model_file), where=f"{where}, StreamSpec.bpe_dropout={spec.bpe_dropout}")
 
 
 # -- one stream ------------------------------------------------------------------------

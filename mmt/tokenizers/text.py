@@ -17,7 +17,6 @@ TensorFlow is imported lazily, so the eager path works under any Keras backend.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mmt.data.text_ids import terminate_and_pad, terminate_and_pad_numpy
+from mmt.data.vocab_files import VocabularyNotFoundError, proto_model_type, resolve_model_file, vocab_fingerprint
 from mmt.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,14 +38,9 @@ EOS_ID = 1
 UNK_ID = 2
 BOS_ID = 3
 
-# File names a vocabulary directory may hold, in order of preference: T5 checkpoints
-# ship `spiece.model`, keras-hub presets `assets/tokenizer/vocabulary.spm`.
-_MODEL_FILE_NAMES = ("spiece.model", "vocabulary.spm", "assets/tokenizer/vocabulary.spm")
 
 # What `train_sentencepiece` trains; `TextTokenizer.model_type` may also read "word" / "char".
 MODEL_TYPES = ("unigram", "bpe")
-# sentencepiece_model.proto: TrainerSpec.ModelType's values.
-_PROTO_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
 
 class VocabularyOptionError(UserError, ValueError):
@@ -119,78 +114,6 @@ def train_sentencepiece(
     return TextTokenizer.from_file(output_path)
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _proto_fields(data: bytes):
-    """(field number, wire type, value) of a serialized protobuf message, top level only."""
-    pos = 0
-    while pos < len(data):
-        tag, pos = _read_varint(data, pos)
-        number, wire = tag >> 3, tag & 7
-        if wire == 0:
-            value, pos = _read_varint(data, pos)
-        elif wire == 1:
-            value, pos = data[pos:pos + 8], pos + 8
-        elif wire == 2:
-            size, pos = _read_varint(data, pos)
-            value, pos = data[pos:pos + size], pos + size
-        elif wire == 5:
-            value, pos = data[pos:pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield number, wire, value
-
-
-def _proto_model_type(model_proto: bytes) -> str:
-    """ModelProto.trainer_spec (field 2).model_type (field 3), read from the wire format.
-
-    The sentencepiece package's generated `sentencepiece_model_pb2` refuses to load
-    with the protobuf runtime TensorFlow pins, so the two fields are read by hand.
-    An absent field takes the proto's default, UNIGRAM.
-    """
-    model_type = 1
-    for number, wire, value in _proto_fields(model_proto):
-        if number == 2 and wire == 2:
-            for inner, inner_wire, inner_value in _proto_fields(value):
-                if inner == 3 and inner_wire == 0:
-                    model_type = inner_value
-    return _PROTO_MODEL_TYPES.get(model_type, f"unknown({model_type})")
-
-
-def resolve_model_file(path: str | os.PathLike) -> Path:
-    """Returns the SentencePiece model file at `path`, or inside the directory `path`."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in _MODEL_FILE_NAMES:
-            if (path / name).is_file():
-                return path / name
-        models = sorted(path.glob("*.model"))
-        if len(models) == 1:
-            return models[0]
-        raise VocabularyNotFoundError(
-            f"no SentencePiece model in directory {path}: expected one of "
-            f"{', '.join(_MODEL_FILE_NAMES)} or a single *.model file"
-            + (f", found {[m.name for m in models]}" if models else "")
-        )
-    raise VocabularyNotFoundError(f"SentencePiece model not found: {path}; give the .model file (or its directory) "
-                                  "the data was tokenized with")
-
-
-class VocabularyNotFoundError(UserError, FileNotFoundError):
-    """The configured SentencePiece model does not exist."""
-
-
 class TextTokenizer:
     """A SentencePiece vocabulary with mmt's BOS / EOS / PAD conventions.
 
@@ -250,11 +173,11 @@ class TextTokenizer:
     @property
     def model_type(self) -> str:
         """The SentencePiece algorithm that made this model: "unigram", "bpe", "word" or "char"."""
-        return _proto_model_type(self._proto)
+        return proto_model_type(self._proto)
 
     def fingerprint(self) -> str:
         """A stable id of this vocabulary: the SHA-256 of the model file's bytes."""
-        return "sha256:" + hashlib.sha256(self._proto).hexdigest()
+        return vocab_fingerprint(self._proto)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the model bytes to `path` (atomically) and returns the path."""
