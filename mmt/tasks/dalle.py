@@ -76,6 +76,13 @@ class DALLETask(TokenizerFiles, Task):
         # trainer's plumbing working, `component_layers` reports the real shapes.
         stand_in = {"size_overrides": {**network.get("size_overrides", {}), "width": 8, "depth": 1, "heads": 1}}
         self.model = DALLE(**{**network, **stand_in}) if self.shape_only else DALLE(**network)
+        if self.shape_only:
+            import warnings
+
+            warnings.warn(f"DALLETask: --dry_run counts the network's {_parameter_estimate(network):,} parameters "
+                          "from their shapes without building them; the memory report's parameter, gradient and "
+                          "optimizer-slot rows cover an 8-wide one-block stand-in (its activation row is the "
+                          "network's)", stacklevel=2)
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **dict(loss_weights or {})}
         self.generation = {**DEFAULT_GENERATION, **dict(generation or {})}
         self.eos_id = int(eos_id)
