@@ -318,6 +318,10 @@ def test_bad_settings_are_user_errors(bpe, data_dir, tmp_path):
     with pytest.raises(pipeline.BPEDropoutConfigError, match="StreamSpec.text_vocab"):
         pipeline.stream_dataset(spec(str(nameless), RATE), seed=0, eos_id=1, pad_id=0)
     assert batches(spec(str(nameless), RATE, text_vocab=bpe.source), 1)  # named in the spec: works
+    # A vocabulary that is not where the spec (or manifest) says.
+    with pytest.raises(UserError, match="StreamSpec.text_vocab"):
+        pipeline.stream_dataset(spec(data_dir, RATE, text_vocab=str(tmp_path / "moved.model")), seed=0, eos_id=1,
+                                pad_id=0)
 
 
 def test_quickstart_data_with_a_bpe_vocabulary_feeds_a_dropout_stream(tmp_path):

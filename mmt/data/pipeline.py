@@ -383,7 +383,7 @@ def _make_parser(
 def _bpe_dropout(spec: StreamSpec, manifest: manifests.Manifest):
     """The `BPEDropout` that re-tokenizes `spec`'s captions, with its vocabulary checked."""
     from mmt.data.bpe_dropout import BPEDropout
-    from mmt.data.vocab_files import resolve_model_file, vocab_fingerprint
+    from mmt.data.vocab_files import VocabularyNotFoundError, resolve_model_file, vocab_fingerprint
 
     where = f"stream {spec.name!r} ({spec.data_dir}, split {spec.split!r})"
     path = spec.text_vocab or manifest.options.get("text_vocab")
@@ -393,7 +393,12 @@ def _bpe_dropout(spec: StreamSpec, manifest: manifests.Manifest):
             "manifest's options['text_vocab'] names the vocabulary; set StreamSpec.text_vocab to the "
             "SentencePiece model the data was tokenized with"
         )
-    model_file = resolve_model_file(path)
+    try:
+        model_file = resolve_model_file(path)
+    except VocabularyNotFoundError as e:
+        source = "StreamSpec.text_vocab" if spec.text_vocab else "the manifest's options['text_vocab']"
+        raise VocabularyNotFoundError(f"{where}: BPE dropout's vocabulary (from {source}): {e}; set "
+                                      "StreamSpec.text_vocab to the vocabulary the data was tokenized with") from e
     model_proto = model_file.read_bytes()
     recorded = None if manifest.text_vocab is None else manifest.text_vocab.fingerprint
     if recorded != vocab_fingerprint(model_proto):
