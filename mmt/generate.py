@@ -3,6 +3,7 @@
     python -m mmt.generate --workdir=/tmp/itit_tiny --prompt="a large red circle in the top left"
     python -m mmt.generate --workdir=/tmp/itit_tiny --image=photo.png --image=other.png
     python -m mmt.generate --workdir=/tmp/upgen_tiny --unconditional=8
+    python -m mmt.generate --workdir=/tmp/dalle_tiny --prompt="a small blue square" --top_k=64
     python -m mmt.generate --workdir=/tmp/m3ae_tiny --image=photo.png [--caption="a red circle"]
 
 Images go to `--output` (default `{workdir}/generated/`) as PNGs named after their
