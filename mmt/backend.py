@@ -154,6 +154,18 @@ def _tf_uniform(shape, seed, minval, maxval, dtype):
                                        maxval=tf.cast(maxval, dtype), dtype=dtype, alg="philox")
 
 
+def tf_data_uniform(shape, seed, index):
+    """float32 uniform [0, 1) draws for tf.data-side randomness (BPE dropout), TensorFlow only.
+
+    Stateless: the same int64 `[2]` `seed` (derived from the run's seed, the stream and
+    the element's position, `mmt.data.pipeline`) and `index` (a loop counter) always give
+    the same draws, so a resumed input pipeline redraws what the uninterrupted one drew.
+    """
+    import tensorflow as tf  # data code runs on TensorFlow whatever the Keras backend
+
+    return tf.random.stateless_uniform(shape, seed=tf.random.experimental.stateless_fold_in(seed, index))
+
+
 def _on_tensorflow() -> bool:
     return keras.backend.backend() == "tensorflow"
 

@@ -18,7 +18,7 @@ from keras import ops
 from mmt.backend import FixedSeed
 from mmt.layers.attention import dalle_column_mask, dalle_conv_mask, dalle_row_mask
 from mmt.models.dalle import CONV, COLUMN, DALLE, ROW, layer_kinds, sample_image_tokens
-from mmt.sampling.autoregressive import _nucleus
+from mmt.sampling.autoregressive import top_p_filter
 from mmt.tasks.dalle import DALLETask
 from mmt.training.trainer import Trainer
 from harness import assert_no_tensorflow, assert_xla_matches_eager, check_layer, jax_check
@@ -286,10 +286,10 @@ def test_learns_a_caption_conditional_image_that_greedy_decoding_reproduces():
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = np.log(np.array([[0.5, 0.1, 0.3, 0.1], [0.25, 0.25, 0.25, 0.25]], np.float32))
-    kept = np.asarray(_nucleus(ops.convert_to_tensor(logits), 0.75, 1.0)) > -1e8
+    kept = np.asarray(top_p_filter(ops.convert_to_tensor(logits), 0.75, 1.0)) > -1e8
     # Row 0 sorted: 0.5, 0.3 (0.8 >= 0.75) -> tokens 0 and 2; row 1 ties: all kept.
     np.testing.assert_array_equal(kept, [[True, False, True, False], [True, True, True, True]])
-    kept = np.asarray(_nucleus(ops.convert_to_tensor(logits), 0.4, 1.0)) > -1e8
+    kept = np.asarray(top_p_filter(ops.convert_to_tensor(logits), 0.4, 1.0)) > -1e8
     np.testing.assert_array_equal(kept[0], [True, False, False, False])  # the top token always
     model = _model()
     text = tf.constant(_batch()["text_ids"])

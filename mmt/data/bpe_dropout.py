@@ -40,6 +40,7 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 
+from mmt import backend
 from mmt.data.vocab_files import proto_model_type
 from mmt.errors import UserError
 
@@ -180,7 +181,7 @@ class BPEDropout:
             valid = ((positions[:, 1:] < lengths[:, None]) & ~dense_frozen[:, :-1] & ~dense_frozen[:, 1:]
                      & (pair_word == word[:, 1:]) & going[:, :-1] & (ranks < _NO_RANK))
             # Every available merge is dropped with probability p, drawn afresh at every step.
-            draws = tf.random.stateless_uniform(tf.shape(ranks), seed=tf.random.experimental.stateless_fold_in(seed, i))
+            draws = backend.tf_data_uniform(tf.shape(ranks), seed, i)
             available = valid & (draws >= rate)
             # Per word: best rank first, then the leftmost pair (SentencePiece's agenda order).
             keys = tf.where(available, tf.cast(ranks, tf.int64) * tf.cast(width, tf.int64)

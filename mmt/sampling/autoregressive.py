@@ -94,7 +94,7 @@ def sample_decode(
             kth = ops.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
             logits = ops.where(logits < kth, _NEG, logits)
         if top_p is not None:
-            logits = _nucleus(logits, top_p, temperature)
+            logits = top_p_filter(logits, top_p, temperature)
         return backend.categorical(logits, backend.seed_at(table, index), temperature)
 
     return _decode(logits_fn, start_tokens, max_length, eos_id, pad_id, cache, choose)
@@ -253,7 +253,7 @@ def _decode(logits_fn, start_tokens, max_length, eos_id, pad_id, cache, choose):
     return state["tokens"]
 
 
-def _nucleus(logits, top_p: float, temperature):
+def top_p_filter(logits, top_p: float, temperature):
     """float32 `[B, V]` logits with every token outside the top-p nucleus set to `_NEG`.
 
     Sorted descending, a token is kept when the probability before it is below `top_p`
