@@ -4,6 +4,7 @@
     python -m mmt.generate --workdir=/tmp/itit_tiny --image=photo.png --image=other.png
     python -m mmt.generate --workdir=/tmp/upgen_tiny --unconditional=8
     python -m mmt.generate --workdir=/tmp/dalle_tiny --prompt="a small blue square" --top_k=64
+    python -m mmt.generate --workdir=/tmp/dalle_tiny --prompt="a small blue square" --rerank_with=/tmp/clip_tiny
     python -m mmt.generate --workdir=/tmp/m3ae_tiny --image=photo.png [--caption="a red circle"]
 
 Images go to `--output` (default `{workdir}/generated/`) as PNGs named after their
@@ -16,6 +17,12 @@ has the masked words of the caption filled in from the image (`captions.json`). 
 `--choice_temperature`, `--beam_size`; for an autoregressive model such as DALL-E
 `--temperature`, `--top_k`, `--top_p`) default to the task's gin-bound `generation`
 settings; they apply to images (the task's own text settings caption).
+
+`--rerank_with=<CLIP workdir>` (DALL-E §2.6; any text-to-image model): each `--prompt`
+draws `--num_samples` images (default the task's `rerank_samples`, else 16), a trained
+CLIP (`gin/clip_tiny.gin`) scores them, and the best `--keep` are written, with their
+scores in `prompts.json`. A CLIP over the generator's own tokens scores the sampled codes;
+a pixel CLIP, or one of another tokenizer, scores the decoded images.
 """
 
 from __future__ import annotations
@@ -53,6 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance_scale", type=float)
     parser.add_argument("--choice_temperature", type=float)
     parser.add_argument("--beam_size", type=int)
+    parser.add_argument("--rerank_with", default=None,
+                        help="a trained CLIP workdir: draw --num_samples images per --prompt and keep the "
+                        "--keep it scores highest (DALL-E §2.6)")
+    parser.add_argument("--num_samples", type=int, default=None,
+                        help="with --rerank_with: candidates per prompt (default: the task's rerank_samples, "
+                        "e.g. DALLETask.rerank_samples from gin, else 16; the paper: 512)")
+    parser.add_argument("--keep", type=int, default=1, help="with --rerank_with: images kept per prompt")
     parser.add_argument("--temperature", type=float, help="autoregressive image sampling (DALL-E)")
     parser.add_argument("--top_k", type=int, help="autoregressive image sampling (DALL-E)")
     parser.add_argument("--top_p", type=float, help="autoregressive image sampling (DALL-E)")
@@ -60,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.prompt or args.image or args.unconditional):
         parser.error("give at least one --prompt, --image or --unconditional")
 
+    if (args.num_samples is not None or args.keep != 1) and not args.rerank_with:
+        parser.error("--num_samples and --keep need --rerank_with")
+    if args.rerank_with and not args.prompt:
+        parser.error("--rerank_with needs --prompt")
     if args.caption and (not args.image or len(args.caption) not in (1, len(args.image))):
         parser.error("--caption needs --image, and one caption per --image (or one for all)")
     for path in args.image:
@@ -90,7 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {k: getattr(args, k) for k in ("num_steps", "guidance_scale", "choice_temperature", "temperature",
                                              "top_k", "top_p")
                if getattr(args, k) is not None}
-    if args.prompt:
+    if args.prompt and args.rerank_with:
+        _rerank_prompts(task, args, options, output)
+    elif args.prompt:
         images, _ = task.text_to_image(args.prompt, seed=args.seed, **options)
         names = {}
         for i, (prompt, image) in enumerate(zip(args.prompt, images)):
@@ -136,6 +156,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             Image.fromarray(image).save(output / f"unconditional_{i:03d}.png")
         print(f"{len(images)} unconditional images: unconditional_000.png ...")
     return 0
+
+
+def _rerank_prompts(task, args, options, output: Path) -> None:
+    """--prompt with --rerank_with: N samples per prompt, the CLIP's best --keep written."""
+    from PIL import Image
+
+    from mmt.restore import load_trained
+    from mmt.sampling.rerank import select
+    from mmt.tasks.clip import CLIPTask
+    from mmt.tasks.reranking import sample_and_score
+
+    clip, clip_step = load_trained(args.rerank_with)
+    if not isinstance(clip, CLIPTask):
+        raise UserError(f"--rerank_with {args.rerank_with} holds a {type(clip).__name__}, not a CLIP: train one "
+                        "with gin/clip_tiny.gin (or clip_b.gin) on the same paired data")
+    n = args.num_samples or int(getattr(task, "rerank_samples", 16))
+    if not 1 <= args.keep <= n:
+        raise UserError(f"--keep {args.keep} must be between 1 and the number of samples ({n})")
+    images, scores = sample_and_score(task, clip, args.prompt, n, seed=args.seed, clip_workdir=args.rerank_with,
+                                      **options)
+    best = select(images, scores, args.keep)
+    record = {}
+    for i, prompt in enumerate(args.prompt):
+        for rank in range(args.keep):
+            name = f"{i:03d}_{_slug(prompt)}" + (f"_{rank}" if args.keep > 1 else "") + ".png"
+            Image.fromarray(best.samples[i, rank]).save(output / name)
+            record[name] = {"prompt": prompt, "clip_score": float(best.scores[i, rank]),
+                            "sample": int(best.indices[i, rank]), "of": n}
+            print(f"{name}: {prompt} (CLIP score {best.scores[i, rank]:.2f}, best {rank + 1} of {n})")
+    (output / "prompts.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"reranked by the CLIP at {args.rerank_with} (step {clip_step})")
 
 
 if __name__ == "__main__":

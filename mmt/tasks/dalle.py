@@ -55,11 +55,13 @@ class DALLETask(TokenizerFiles, Task):
       generation: defaults of the sampling hooks, merged over `DEFAULT_GENERATION`.
       compile_inference: run sampling compiled with the backend's XLA (once per option
         set and batch shape); False runs it eagerly.
+      rerank_samples: candidates per prompt when generation is reranked by a CLIP
+        (`mmt.generate --rerank_with`, §2.6; the paper draws 512).
     """
 
     def __init__(self, network: Mapping | None = None, loss_weights: Mapping[str, float] | None = None,
                  eos_id: int = 1, image_tokenizer: str | None = None, text_vocab: str | None = None,
-                 generation: Mapping | None = None, compile_inference: bool = True):
+                 generation: Mapping | None = None, compile_inference: bool = True, rerank_samples: int = 16):
         self.arguments = task_arguments(locals())
         unknown = set(loss_weights or {}) - set(DEFAULT_LOSS_WEIGHTS)
         if unknown:
@@ -88,6 +90,9 @@ class DALLETask(TokenizerFiles, Task):
         self.eos_id = int(eos_id)
         self.image_tokenizer_path, self.text_vocab_path = image_tokenizer, text_vocab
         self.compile_inference = bool(compile_inference)
+        if int(rerank_samples) < 1:
+            raise ValueError(f"DALLETask.rerank_samples must be >= 1, got {rerank_samples}")
+        self.rerank_samples = int(rerank_samples)
         self._compiled = {}
 
     def build(self):
