@@ -370,30 +370,15 @@ def test_12b_config_dry_run_counts_12_billion_parameters(tmp_path, capsys):
 def test_train_then_generate_pngs_and_samples_from_the_command_line(tiny_data, tmp_path):
     from PIL import Image
 
-    from mmt.data import shapes
-    from mmt.data.shapes.records import write_shapes_records
     from mmt.restore import load_trained
-    from mmt.tokenizers.text import TextTokenizer
-    from mmt.tokenizers.vqgan import VQGAN
+    from token_records import make_token_records
 
-    tokenizer = VQGAN(image_size=32, filters=8, channel_multipliers=(1, 1, 1, 1), num_res_blocks=0,
-                      embedding_dim=8, codebook_size=16, num_groups=4)  # untrained: 4x4 codes of 16
-    tokenizer.build_for_images()
-    tokenizer.save(tmp_path / "vq")
-    config = shapes.ShapesConfig(resolution=32, seed=11)
-    examples = {"paired": list(shapes.generate(config, "paired", 16))}
-    vocab = TextTokenizer.from_file(tiny_data["vocabulary"])
-    write_shapes_records(tmp_path / "data", config, examples, text_tokenizer=vocab, image_tokenizer=tokenizer,
-                         num_shards=1)
+    records = make_token_records(tmp_path, tiny_data["vocabulary"], {"paired": 16})
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     workdir = tmp_path / "run"
     train = [sys.executable, "-m", "mmt.train", "--gin_file=gin/dalle_tiny.gin", f"--workdir={workdir}",
-             f"--gin_param=DATA_DIR='{tmp_path / 'data'}'", f"--gin_param=IMAGE_TOKENIZER='{tmp_path / 'vq'}'",
-             f"--gin_param=TEXT_VOCAB='{tiny_data['vocabulary']}'", "--gin_param=IMAGE_VOCAB_SIZE=16",
-             "--gin_param=GRID=(4, 4)", f"--gin_param=TEXT_VOCAB_SIZE={vocab.vocab_size}", "--gin_param=TEXT_LENGTH=16",
-             "--gin_param=SIZE_OVERRIDES={'width': 32, 'depth': 2, 'heads': 2}", "--gin_param=TRAIN_STEPS=2",
-             "--gin_param=WARMUP_STEPS=1", "--gin_param=BATCH_SIZE=4", "--gin_param=Trainer.mode='graph'",
-             "--gin_param=Trainer.progress_bar=False", "--gin_param=DALLETask.compile_inference=False"]
+             *records["gin_params"], "--gin_param=SIZE_OVERRIDES={'width': 32, 'depth': 2, 'heads': 2}",
+             "--gin_param=BATCH_SIZE=4", "--gin_param=DALLETask.compile_inference=False"]
     result = subprocess.run(train, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "completed at step 2" in result.stdout
