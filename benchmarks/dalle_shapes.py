@@ -164,15 +164,6 @@ def clip_retrieval(clip, examples: int) -> dict:
     return {**clip.retrieval(gallery, ids), "gallery": examples}
 
 
-def _resize(images, size: int):
-    """uint8 [N, R, R, 3] -> [N, size, size, 3] by pixel repetition (size a multiple of R)."""
-    factor, rest = divmod(size, images.shape[1])
-    if rest or not factor:
-        raise SystemExit(f"the CLIP reads {size}x{size} images, the generator makes {images.shape[1]}x"
-                         f"{images.shape[1]}: train the CLIP at a multiple of the generator's resolution")
-    return np.repeat(np.repeat(images, factor, axis=1), factor, axis=2)
-
-
 def score(generator_workdir: str, clip_workdir: str, examples: int, seed: int, prompts_per_call: int = 8) -> dict:
     """Samples 16 images per eval caption from any text-to-image workdir, reranks them with the CLIP.
 
@@ -183,6 +174,7 @@ def score(generator_workdir: str, clip_workdir: str, examples: int, seed: int, p
     from mmt.data import shapes
     from mmt.restore import load_trained
     from mmt.sampling import rerank
+    from mmt.tasks.reranking import sample_and_score
 
     generator, generator_step = load_trained(generator_workdir)
     clip, clip_step = load_trained(clip_workdir)
@@ -191,24 +183,14 @@ def score(generator_workdir: str, clip_workdir: str, examples: int, seed: int, p
         raise SystemExit(f"the CLIP {clip_workdir} reads the codes of {clip.image_tokenizer_path}, the generator "
                          f"samples those of {generator.image_tokenizer_path}: train the CLIP on the generator's "
                          "tokens, or a pixel CLIP (gin/clip_tiny_pixels.gin)")
-    clip_vocab = clip.tokenizers()[1] if token_clip else _vocab(clip.text_vocab_path)
     resolution = generator.tokenizers()[0].image_size
     eval_examples = list(shapes.generate(shapes.ShapesConfig(resolution=resolution), "eval", examples))
     captions = [e.caption for e in eval_examples]
-    clip_ids = np.asarray(clip_vocab.encode(captions, clip.model.text_length), np.int32)
     n_max = max(RERANK_N)
     start = time.perf_counter()
-    images, scores = [], []
-    for i in range(0, examples, prompts_per_call):
-        chunk = captions[i:i + prompts_per_call]
-        padded = chunk + chunk[-1:] * (prompts_per_call - len(chunk))  # one compiled shape
-        drawn, codes = generator.text_to_image(list(np.repeat(padded, n_max)), seed=seed + i)  # caption-major
-        drawn = np.asarray(drawn)[:len(chunk) * n_max]
-        candidates = np.asarray(codes)[:len(chunk) * n_max] if token_clip else _resize(drawn, clip.model.image_size)
-        ids = np.repeat(clip_ids[i:i + len(chunk)], n_max, axis=0)
-        images.append(drawn.reshape(len(chunk), n_max, *drawn.shape[1:]))
-        scores.append(clip.score(candidates, ids).reshape(len(chunk), n_max))
-    images, scores = np.concatenate(images), np.concatenate(scores)  # [P, 16, H, W, 3], [P, 16]
+    # [P, 16, H, W, 3], [P, 16]: caption-major draws, the CLIP's score of each.
+    images, scores = sample_and_score(generator, clip, captions, n_max, seed=seed, prompts_per_call=prompts_per_call,
+                                      clip_workdir=clip_workdir)
     results = {"generator_workdir": generator_workdir, "generator": type(generator).__name__,
                "generator_step": generator_step, "clip_workdir": clip_workdir, "clip_step": clip_step,
                "clip_input": clip.model.image_input, "examples": examples, "samples_per_caption": n_max,

@@ -357,3 +357,21 @@ def _worker(inputs: str, outputs: str) -> None:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
+
+
+def distribute_shards(strategy, batch, stream: str = "paired"):
+    """`{stream: batch}` split into equal consecutive slices, slice r on replica r of `strategy`.
+
+    Args:
+      batch: name -> array, every array with a leading batch axis divisible by the
+        strategy's replica count.
+
+    Returns:
+      The distributed `{stream: {name: tensor}}` a trainer's `train_step` takes.
+    """
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+    shards = [{k: np.split(np.asarray(v), replicas)[r] for k, v in batch.items()} for r in range(replicas)]
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: {stream: tf.nest.map_structure(tf.constant, shards[ctx.replica_id_in_sync_group])})

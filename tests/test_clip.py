@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from harness import assert_no_tensorflow, assert_xla_matches_eager, check_layer, jax_check
+from harness import assert_no_tensorflow, assert_xla_matches_eager, check_layer, distribute_shards, jax_check
 from mmt import backend
 from mmt.models.clip import CLIP, MAX_LOGIT_SCALE
 from mmt.sampling import rerank
@@ -213,10 +213,7 @@ def test_two_replicas_step_is_the_per_shard_infonce_step_and_not_the_full_batch_
     shards = [{k: v[r * 4:(r + 1) * 4] for k, v in full.items()} for r in range(2)]
     two = trainer()
     two.build(distribute.make_strategy(cpu_replicas=2))
-    assert two.strategy.num_replicas_in_sync == 2
-    batch = two.strategy.experimental_distribute_values_from_function(
-        lambda ctx: {"paired": tf.nest.map_structure(tf.constant, shards[ctx.replica_id_in_sync_group])})
-    two.train_step(batch)
+    two.train_step(distribute_shards(two.strategy, full))
 
     one = trainer()
     one.build()

@@ -21,7 +21,7 @@ from mmt.models.dalle import CONV, COLUMN, DALLE, ROW, layer_kinds, sample_image
 from mmt.sampling.autoregressive import top_p_filter
 from mmt.tasks.dalle import DALLETask
 from mmt.training.trainer import Trainer
-from harness import assert_no_tensorflow, assert_xla_matches_eager, check_layer, jax_check
+from harness import assert_no_tensorflow, assert_xla_matches_eager, check_layer, distribute_shards, jax_check
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,10 +216,7 @@ def test_one_and_two_replicas_take_the_same_step():
     two = _trainer(distribute.make_strategy(cpu_replicas=2))
     for a, b in zip(before, two.task.model.trainable_variables):
         np.testing.assert_array_equal(a, np.asarray(b))  # same initial weights (the run's seed)
-    shards = [{k: v[i * 2:(i + 1) * 2] for k, v in batch.items()} for i in range(2)]
-    dist = two.strategy.experimental_distribute_values_from_function(
-        lambda ctx: {"paired": tf.nest.map_structure(tf.constant, shards[ctx.replica_id_in_sync_group])})
-    two_metrics, _ = two.train_step(dist)
+    two_metrics, _ = two.train_step(distribute_shards(two.strategy, batch))
     # Sums over the batch's tokens split in two partial sums: B * (L + N) terms at most.
     rtol = reordered_sum_rtol(B * (L + N), chained_ops=8)
     for name in ("loss/text", "loss/image", "total_loss/model"):

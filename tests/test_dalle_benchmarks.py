@@ -27,27 +27,9 @@ def _benchmark():
 
 @pytest.mark.slow
 def test_dalle_shapes_scores_untrained_exports_and_prints_its_json_line(tiny_data, tmp_path, capsys):
-    from mmt.tasks import exports
-    from mmt.tasks.clip import CLIPTask
-    from mmt.tasks.dalle import DALLETask
-    from mmt.tokenizers.dvae import DVAE
-    from mmt.tokenizers.text import TextTokenizer
+    from dalle_exports import make_exports
 
-    dvae = DVAE(image_size=32, vocab_size=16, width=8, width_multipliers=(1, 1, 1), blocks_per_group=1,
-                decoder_input_width=8)  # untrained: 32x32 -> 8x8 codes of 16
-    dvae.build_for_images()
-    dvae.save(tmp_path / "dvae")
-    vocab = tiny_data["vocabulary"]
-    size = TextTokenizer.from_file(vocab).vocab_size
-    common = dict(text_vocab_size=size, text_length=16, image_vocab_size=16, grid=tuple(dvae.grid_size))
-    dalle = DALLETask(network={**common, "conv_kernel": 3, "size_overrides": {"width": 16, "depth": 4, "heads": 2}},
-                      image_tokenizer=str(tmp_path / "dvae"), text_vocab=vocab, compile_inference=False)
-    clip = CLIPTask(network={**common, "size_overrides": {"width": 16, "depth": 1, "heads": 2, "text_width": 16,
-                                                          "text_depth": 1, "text_heads": 2, "embed_dim": 8}},
-                    image_tokenizer=str(tmp_path / "dvae"), text_vocab=vocab, compile_inference=False)
-    for task, name in ((dalle, "dalle"), (clip, "clip")):
-        task.build()
-        exports.save_task(task, tmp_path / name / "export", step=0)
+    make_exports(tiny_data["vocabulary"], tmp_path)
     module = _benchmark()
     assert module.main(["--dalle", str(tmp_path / "dalle"), "--clip", str(tmp_path / "clip"), "--examples", "5",
                         "--output_dir", str(tmp_path / "out")]) == 0

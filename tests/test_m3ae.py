@@ -21,7 +21,7 @@ from mmt.layers.patches import patchify, unpatchify
 from mmt.models.m3ae import M3AE
 from mmt.tasks.base import Ratio, StepSeed, parameter_breakdown
 from mmt.tasks.m3ae import M3AETask
-from harness import assert_no_tensorflow, assert_xla_matches_eager, jax_check
+from harness import assert_no_tensorflow, assert_xla_matches_eager, distribute_shards, jax_check
 from tolerances import assert_close_to_scale, reordered_sum_rtol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,10 +211,7 @@ def test_two_replicas_step_is_the_shard_seeded_step_of_one():
     shards = [{k: v[r * 2:(r + 1) * 2] for k, v in full.items()} for r in range(2)]
     two = trainer()
     two.build(distribute.make_strategy(cpu_replicas=2))
-    assert two.strategy.num_replicas_in_sync == 2
-    batch = two.strategy.experimental_distribute_values_from_function(
-        lambda ctx: {"paired": tf.nest.map_structure(tf.constant, shards[ctx.replica_id_in_sync_group])})
-    two.train_step(batch)
+    two.train_step(distribute_shards(two.strategy, full))
 
     one = trainer()
     one.build()
