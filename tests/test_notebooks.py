@@ -50,6 +50,16 @@ M3AE_STEPS, EVAL_IMAGES, PROBE_TRAIN, PROBE_TEST = 2, 2, 48, 24
 TRAINER_PARAMS = {TINY_STEPS!r}
 M3AE_PARAMS = ["PAIRED_BATCH = 8", "IMAGE_ONLY_BATCH = 4", "TEXT_ONLY_BATCH = 4"]
 """, {"step", "filled", "probe"}),
+    "dalle": (f"""
+EXAMPLES = {{"paired": 32, "image_only": 32, "text_only": 32}}
+DVAE_STEPS, DALLE_STEPS, CLIP_STEPS = 2, 2, 2
+TRAINER_PARAMS = {TINY_STEPS!r}
+DVAE_PARAMS = ["DVAE.width = 8", "DVAE.decoder_input_width = 8", "BATCH_SIZE = 4"]
+DALLE_PARAMS = ["SIZE_OVERRIDES = {{'width': 32, 'depth': 2, 'heads': 2}}", "BATCH_SIZE = 4"]
+CLIP_PARAMS = ["SIZE_OVERRIDES = {{'width': 32, 'depth': 1, 'heads': 2, 'text_width': 32, 'text_depth': 1, "
+               "'text_heads': 2, 'embed_dim': 16}}", "PAIRED_BATCH = 4"]
+PROMPTS, NUM_SAMPLES, KEEP, EVAL_CAPTIONS = PROMPTS[:2], 2, 1, 2
+""", {"step", "prompts", "reranked", "accuracy"}),
     "beam": ("""
 NUM_IMAGES = 24
 BEAM_FLAGS = ["--direct_running_mode=in_memory"]
