@@ -182,5 +182,9 @@ def test_notebook_runs_headless_at_tiny_settings(path, tmp_path):
         for accuracies in result["probe"].values():
             assert set(accuracies) == {"shape", "color", "cell", "count", "mean"}
             assert all(0.0 <= a <= 1.0 for a in accuracies.values())
+    if path.stem == "dalle":  # each prompt's best one of 2 kept; eval accuracy without and with reranking
+        assert result["step"] == 2 and [len(scores) for scores in result["reranked"]] == [1, 1]
+        assert set(result["accuracy"]) == {"no_rerank", "best_of_2"}
+        assert all(0.0 <= r["attribute"] <= 1.0 for r in result["accuracy"].values())
     if path.stem == "tokenizers":
         assert result["vqgan"]["grid"] == [16, 16] and result["dvae"]["grid"] == [16, 16]
