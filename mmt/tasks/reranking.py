@@ -4,7 +4,8 @@
 `text_to_image(captions, seed=, **options) -> (uint8 images, codes)`: DALL-E, UPGen,
 ITIT) and scores each (caption, image) pair with a `CLIPTask`; `mmt.sampling.rerank.select`
 then keeps the best k. `python -m mmt.generate --rerank_with=<clip workdir>` and
-`benchmarks/dalle_shapes.py` both go through it.
+`benchmarks/dalle_shapes.py` both go through it; `score_samples` scores samples already drawn
+(`python -m mmt.evaluate clip_score` / `fid --clip`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ def sample_and_score(generator, clip, captions: Sequence[str], num_samples: int,
     if num_samples < 1:
         raise UserError(f"num_samples must be >= 1, got {num_samples}")
     captions = list(captions)
-    direct = scores_codes(generator, clip)
     images, scores = [], []
     for i in range(0, len(captions), prompts_per_call):
         chunk = captions[i:i + prompts_per_call]
@@ -66,15 +66,38 @@ def sample_and_score(generator, clip, captions: Sequence[str], num_samples: int,
         drawn, codes = generator.text_to_image(list(np.repeat(padded, num_samples)), seed=seed + i, **options)
         keep = len(chunk) * num_samples  # caption-major: row c * N + j is sample j of caption c
         drawn = np.asarray(drawn)[:keep]
-        repeated = list(np.repeat(chunk, num_samples))
-        if direct:
-            _, vocab = clip.tokenizers()
-            ids = np.asarray(vocab.encode(repeated, clip.model.text_length), np.int32)
-            chunk_scores = clip.score(np.asarray(codes)[:keep], ids)
-        elif clip.model.image_input == "pixels":
-            chunk_scores = clip.score_images(_fit(drawn, clip.model.image_size, clip_workdir), repeated)
-        else:
-            chunk_scores = clip.score_images(drawn, repeated)
+        codes = None if codes is None else np.asarray(codes)[:keep]
+        chunk_scores = score_samples(generator, clip, drawn, codes, list(np.repeat(chunk, num_samples)), clip_workdir)
         images.append(drawn.reshape(len(chunk), num_samples, *drawn.shape[1:]))
-        scores.append(np.asarray(chunk_scores, np.float32).reshape(len(chunk), num_samples))
+        scores.append(chunk_scores.reshape(len(chunk), num_samples))
     return np.concatenate(images), np.concatenate(scores)
+
+
+def score_samples(generator, clip, images, codes, captions: Sequence[str],
+                  clip_workdir: str = "the CLIP") -> np.ndarray:
+    """The CLIP's score of each of N generated (image, caption) pairs, as the reranker sees them.
+
+    A CLIP over the generator's own tokenizer scores `codes`; a pixel CLIP scores
+    `images` (pixel-repeated to its resolution); a token CLIP of another tokenizer
+    re-encodes `images` with its own.
+
+    Args:
+      generator: the task that drew them (for its `image_tokenizer_fingerprint`).
+      clip: a trained `CLIPTask`.
+      images: uint8 [N, H, W, 3] decoded samples.
+      codes: int [N, h, w] their codes (read only by a CLIP of the same tokenizer), or None.
+      captions: N caption strings, caption i for sample i.
+
+    Returns:
+      float32 [N]: logit_scale x cosine (`CLIPTask.score`).
+    """
+    captions = list(captions)
+    if scores_codes(generator, clip):
+        _, vocab = clip.tokenizers()
+        ids = np.asarray(vocab.encode(captions, clip.model.text_length), np.int32)
+        scores = clip.score(np.asarray(codes), ids)
+    elif clip.model.image_input == "pixels":
+        scores = clip.score_images(_fit(np.asarray(images), clip.model.image_size, clip_workdir), captions)
+    else:
+        scores = clip.score_images(np.asarray(images), captions)
+    return np.asarray(scores, np.float32)
