@@ -138,6 +138,7 @@ def _cosines(clip, images, captions) -> np.ndarray:
                                   * clip.embed_texts(ids[i:i + 2]), axis=1) for i in range(0, len(ids), 2)])
 
 
+@pytest.mark.slow
 def test_generated_fid_and_folder_modes_score_the_same_images(runs, tmp_path, monkeypatch):
     from PIL import Image
 

@@ -67,7 +67,13 @@ def add_parsers(commands) -> None:
 
     from mmt.evaluation.clip_score import DEFINITION
 
-    clip = commands.add_parser("clip_score", help="CLIP score: " + DEFINITION.replace("%", "%%"))
+    clip = commands.add_parser(
+        "clip_score", help="CLIP score: " + DEFINITION.replace("%", "%%"),
+        description="CLIP score = 100 x cos(caption embedding, image embedding) of a trained CLIP (unit "
+                    "embeddings), not clipped at 0; reported as the mean over the captions (one image each) with "
+                    "a 95% Student-t interval, the count and the CLIP's step. It is the reranker's score "
+                    "(mmt.generate --rerank_with: logit_scale x cos) rescaled to a fixed 100, so it does not move "
+                    "with the learned temperature; the record keeps logit_scale. See mmt.evaluation.clip_score.")
     clip.add_argument("--clip", required=True, help="a CLIP workdir (gin/clip_tiny.gin, clip_tiny_pixels.gin) or "
                                                     "its export")
     source = clip.add_argument_group("images to score (one of)")
