@@ -189,6 +189,15 @@ def test_generated_fid_and_folder_modes_score_the_same_images(runs, tmp_path, mo
     assert json.loads(out.read_text())["clip_score"] == pytest.approx(
         100.0 * _cosines(token_clip, codes, CAPTIONS).mean(), abs=tol)
 
+    # The same CLIP on the saved images: it encodes them with its own tokenizer first (batches of 2).
+    out = tmp_path / "encoded.json"
+    assert evaluate.main(["clip_score", "--clip", runs["token_clip"], "--images", str(tmp_path / "gen"), *common,
+                          "--output", str(out)]) == 0
+    encode = token_clip.tokenizers()[0].encode
+    encoded = np.concatenate([encode(images[:2]), encode(images[2:])])
+    assert json.loads(out.read_text())["clip_score"] == pytest.approx(
+        100.0 * _cosines(token_clip, encoded, CAPTIONS).mean(), abs=tol)
+
 
 @pytest.mark.slow
 def test_a_trained_clip_scores_the_right_pairing_above_a_shuffled_one(tiny_data, tmp_path):
