@@ -15,8 +15,10 @@ results as JSON to `--output` (default `{workdir}/eval/linear_probe[_mean][_all_
 
     python -m mmt.evaluate fid --workdir=/tmp/itit --captions=captions.txt --reference_stats=ref.npz --inception_weights=W
     python -m mmt.evaluate captions --workdir=/tmp/itit --image_dir=val2014 --references=captions_test.json
+    python -m mmt.evaluate clip_score --clip=/tmp/clip_tiny --workdir=/tmp/dalle_tiny --captions=captions.txt
 
-`fid` and `captions`: see `mmt.evaluation.commands` (FID-30K and COCO captioning, README).
+`fid`, `captions` and `clip_score`: see `mmt.evaluation.commands` (FID-30K, COCO captioning,
+and the CLIP score of `mmt.evaluation.clip_score`; README).
 """
 
 from __future__ import annotations
@@ -85,13 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     probe.add_argument("--untrained", action="store_true", help="the initial weights instead of the checkpoint")
     probe.add_argument("--seed", type=int, default=0, help="seed of the shapes images")
     probe.add_argument("--output", default=None)
-    from mmt.evaluation import commands as metric_commands  # fid, captions
+    from mmt.evaluation import commands as metric_commands  # fid, captions, clip_score
 
     metric_commands.add_parsers(commands)
     args = parser.parse_args(argv)
     args.argv = argv
-    return {"linear_probe": linear_probe, "fid": metric_commands.fid,
-            "captions": metric_commands.captions}[args.command](args)
+    return {"linear_probe": linear_probe, "fid": metric_commands.fid, "captions": metric_commands.captions,
+            "clip_score": metric_commands.clip_score}[args.command](args)
 
 
 if __name__ == "__main__":
