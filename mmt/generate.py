@@ -162,15 +162,11 @@ def _rerank_prompts(task, args, options, output: Path) -> None:
     """--prompt with --rerank_with: N samples per prompt, the CLIP's best --keep written."""
     from PIL import Image
 
-    from mmt.restore import load_trained
+    from mmt.evaluation.clip_score import load_clip
     from mmt.sampling.rerank import select
-    from mmt.tasks.clip import CLIPTask
     from mmt.tasks.reranking import sample_and_score
 
-    clip, clip_step = load_trained(args.rerank_with)
-    if not isinstance(clip, CLIPTask):
-        raise UserError(f"--rerank_with {args.rerank_with} holds a {type(clip).__name__}, not a CLIP: train one "
-                        "with gin/clip_tiny.gin (or clip_b.gin) on the same paired data")
+    clip, clip_step = load_clip(args.rerank_with, flag="--rerank_with")
     n = args.num_samples or int(getattr(task, "rerank_samples", 16))
     if not 1 <= args.keep <= n:
         raise UserError(f"--keep {args.keep} must be between 1 and the number of samples ({n})")
