@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/m3ae_shapes", help="runs, data and results; finished runs reused")
     parser.add_argument("--data", default=None, help="quickstart --data_only workdir (default {workdir}/data)")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps of every run (gin: 3,000)")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of every run (gin: 2,000)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Trainer.seed of each pair of runs")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time")
