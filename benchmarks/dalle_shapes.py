@@ -143,8 +143,7 @@ def train_all(args) -> tuple[str, str]:
 def _accuracy(images, captions) -> dict:
     from mmt.evaluation import shapes_accuracy
 
-    chunks = iter(np.array_split(np.asarray(images), max(1, -(-len(images) // 32))))
-    return shapes_accuracy.t2i_accuracy(lambda batch: next(chunks), list(captions), batch_size=32)
+    return shapes_accuracy.image_scores(list(images), list(captions))
 
 
 def clip_retrieval(clip, examples: int) -> dict:

@@ -396,3 +396,25 @@ def test_t5_preset_on_disk_is_the_frozen_text_encoder(tmp_path):
     for a, v in zip(before, t5_weights):
         np.testing.assert_array_equal(a, np.array(v))
     assert any(not np.array_equal(a, np.array(v)) for a, v in zip(others, m.trainable_variables))
+
+
+def test_compiled_generation_equals_eager_and_compiles_once_per_shape():
+    """`text_to_image_tokens` / `image_tokens_to_text` under XLA give the eager run's codes and
+    captions (stateless draws from the seed), and a second call of one shape reuses the graph."""
+    compiled, eager = _task(), _task(compile_inference=False)
+    keras.utils.set_random_seed(3)
+    for v in compiled.model.trainable_variables:  # larger weights: non-trivial samples
+        v.assign(v * 4.0)
+    for a, b in zip(compiled.model.weights, eager.model.weights):
+        b.assign(a)
+    ids = _batch()["paired"]["text_ids"]
+    options = dict(num_steps=3, guidance_scale=2.0, choice_temperature=1.0, sampling_temperature=1.0)
+    codes = compiled.text_to_image_tokens(ids, seed=5, **options)
+    np.testing.assert_array_equal(codes, eager.text_to_image_tokens(ids, seed=5, **options))
+    assert codes.shape == (B, 4, 4) and codes.min() >= 0 and codes.max() < 32
+    assert not np.array_equal(codes, compiled.text_to_image_tokens(ids, seed=6, **options))
+    for beam in (1, 2):
+        captions = compiled.image_tokens_to_text(codes, beam_size=beam)
+        np.testing.assert_array_equal(captions, eager.image_tokens_to_text(codes, beam_size=beam))
+        assert captions.shape == (B, 6)
+    assert len(compiled._compiled) == 3  # t2i at one option set (two seeds), i2t at beams 1 and 2

@@ -36,18 +36,32 @@ def _summary(predicted, target) -> dict[str, float]:
     return scores
 
 
-def _batches(items: Sequence, size: int):
+def _batches(items, size: int):
+    """(batch, count) of `items` (a list or an array) in `size` chunks, the last one padded
+    to `size` by repeating its final item: every call of a compiled sampler has one shape,
+    so it compiles once. Only the first `count` results of a batch are real."""
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        batch = items[start:start + size]
+        count = len(batch)
+        if count < size:
+            pad = size - count
+            batch = (np.concatenate([batch, np.repeat(batch[-1:], pad, axis=0)]) if isinstance(batch, np.ndarray)
+                     else list(batch) + [batch[-1]] * pad)
+        yield batch, count
 
 
 def t2i_accuracy(text_to_image: Callable[[list[str]], np.ndarray], captions: Sequence[str],
                  batch_size: int = 32) -> dict[str, float]:
     """`text_to_image(list of captions) -> uint8 [N, H, W, 3]`, scored on `captions`."""
-    predicted = []
-    for batch in _batches(list(captions), batch_size):
-        predicted.extend(shapes.detect(image) for image in text_to_image(batch))
-    return _summary(predicted, [shapes.parse_caption(c) for c in captions])
+    images = []
+    for batch, count in _batches(list(captions), batch_size):
+        images.extend(text_to_image(batch)[:count])
+    return image_scores(images, captions)
+
+
+def image_scores(images: Sequence[np.ndarray], captions: Sequence[str]) -> dict[str, float]:
+    """T2I scores of images already generated, one per caption."""
+    return _summary([shapes.detect(image) for image in images], [shapes.parse_caption(c) for c in captions])
 
 
 def parse_or_empty(caption: str) -> tuple:
@@ -64,8 +78,8 @@ def i2t_accuracy(image_to_text: Callable[[np.ndarray], list[str]], images: np.nd
     Returns the scores and the generated captions.
     """
     captions = []
-    for start in range(0, len(images), batch_size):
-        captions.extend(image_to_text(images[start:start + batch_size]))
+    for batch, count in _batches(np.asarray(images), batch_size):
+        captions.extend(image_to_text(batch)[:count])
     return _summary([parse_or_empty(c) for c in captions], list(objects)), captions
 
 
@@ -91,7 +105,7 @@ def evaluate_generation(task, examples: Sequence, *, seed: int = 0, batch_size: 
 
     def text_to_image(batch):
         images, _ = task.text_to_image(batch, seed=seed + len(generated))
-        generated.append(images)
+        generated.append(images)  # padded batches too: only the first ones reach the grid
         return images
 
     t2i = t2i_accuracy(text_to_image, captions, batch_size)

@@ -36,7 +36,7 @@ import numpy as np
 from keras import ops
 
 from mmt.models.clip import CLIP
-from mmt.tasks.base import DataExpectations, Ratio, StackPass, Task, TokenizerFiles, task_arguments
+from mmt.tasks.base import CompiledInference, DataExpectations, Ratio, StackPass, Task, TokenizerFiles, task_arguments
 
 #: contrastive 1; the rest are summaries.
 DEFAULT_LOSS_WEIGHTS = {"contrastive": 1.0, "t2i_accuracy": 0.0, "i2t_accuracy": 0.0, "logit_scale": 0.0}
@@ -88,7 +88,7 @@ def recall_at_k(similarity, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     return {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
 
 
-class CLIPTask(TokenizerFiles, Task):
+class CLIPTask(CompiledInference, TokenizerFiles, Task):
     """The contrastive dual encoder for the trainer; network arguments go to `CLIP` unchanged.
 
     Args:
@@ -120,7 +120,6 @@ class CLIPTask(TokenizerFiles, Task):
             raise ValueError("CLIPTask.image_tokenizer is for a token CLIP; this network reads pixels "
                              "(network['image_input'] = 'pixels'): leave it None")
         self.compile_inference = bool(compile_inference)
-        self._compiled = {}
 
     def build(self):
         self.model.build_all()
@@ -185,18 +184,6 @@ class CLIPTask(TokenizerFiles, Task):
                       "text_vocab_fingerprint": "CLIPTask.text_vocab"})
 
     # -- inference hooks -------------------------------------------------------------------
-
-    def _run(self, name: str, fn, *args):
-        """`fn(*args)`, compiled once per `name` and argument shapes when `compile_inference`."""
-        args = tuple(np.asarray(a) for a in args)
-        if not self.compile_inference:
-            return fn(*(ops.convert_to_tensor(a) for a in args))
-        key = (name, *(a.shape for a in args))
-        if key not in self._compiled:
-            from mmt.backend import compile_function
-
-            self._compiled[key] = compile_function(fn)
-        return self._compiled[key](*args)
 
     def _images(self, images):
         m = self.model

@@ -31,7 +31,7 @@ from keras import ops
 from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models.dalle import DALLE, sample_image_tokens
 from mmt.models.variants import dalle_size
-from mmt.tasks.base import Ratio, StackPass, Task, TokenizerFiles, task_arguments
+from mmt.tasks.base import CompiledInference, Ratio, StackPass, Task, TokenizerFiles, seed_array, task_arguments
 
 #: §2.2: text 1/8, image 7/8; accuracies are summaries only.
 DEFAULT_LOSS_WEIGHTS = {"text": 1.0 / 8.0, "image": 7.0 / 8.0, "text_accuracy": 0.0, "image_accuracy": 0.0}
@@ -42,7 +42,7 @@ DEFAULT_GENERATION = {"temperature": 1.0, "top_k": None, "top_p": None, "use_cac
 MATERIALIZE_LIMIT = 2_000_000_000
 
 
-class DALLETask(TokenizerFiles, Task):
+class DALLETask(CompiledInference, TokenizerFiles, Task):
     """DALL-E's weighted next-token losses for the trainer. Network arguments go to `DALLE` unchanged.
 
     Args:
@@ -93,7 +93,6 @@ class DALLETask(TokenizerFiles, Task):
         if int(rerank_samples) < 1:
             raise ValueError(f"DALLETask.rerank_samples must be >= 1, got {rerank_samples}")
         self.rerank_samples = int(rerank_samples)
-        self._compiled = {}
 
     def build(self):
         self.model.build_all()
@@ -171,16 +170,7 @@ class DALLETask(TokenizerFiles, Task):
 
             return sample_image_tokens(self.model, ids, FixedSeed(s), **opts)
 
-        key = (tuple(sorted(opts.items())), text_ids.shape)
-        seed_array = np.array([int(seed), 0], np.int32)
-        if not self.compile_inference:
-            tokens = fn(ops.convert_to_tensor(text_ids), ops.convert_to_tensor(seed_array))
-        else:
-            if key not in self._compiled:
-                from mmt.backend import compile_function
-
-                self._compiled[key] = compile_function(fn)
-            tokens = self._compiled[key](text_ids, seed_array)
+        tokens = self._run(f"t2i{sorted(opts.items())}", fn, text_ids, seed_array(seed))
         return np.asarray(ops.convert_to_numpy(tokens), np.int32)
 
     def encode_captions(self, texts) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 from keras import ops
 
 from mmt.losses.cross_entropy import masked_cross_entropy
@@ -19,7 +20,8 @@ from mmt.losses.estimators import gumbel_softmax, straight_through_softmax
 from mmt.models import itit_inference
 from mmt.models.itit import ITIT
 from mmt.sampling.mask_schedule import random_mask, truncated_gaussian_mask_ratio
-from mmt.tasks.base import Ratio, StackPass, Task, TokenizerFiles, task_arguments
+from mmt.tasks.base import (CompiledInference, Ratio, StackPass, Task, TokenizerFiles, seed_array,
+                             task_arguments)
 
 CYCLE_MODES = ("off", "baseline", "half", "full")
 #: Inference (ITIT App. B): 24 steps, guidance 2.0, choice temperature 32, beam 4.
@@ -27,7 +29,7 @@ DEFAULT_GENERATION = {"num_steps": 24, "guidance_scale": 2.0, "choice_temperatur
                       "sampling_temperature": 1.0, "beam_size": 4}
 
 
-class ITITTask(TokenizerFiles, Task):
+class ITITTask(CompiledInference, TokenizerFiles, Task):
     """ITIT's losses for the trainer. Network arguments go to `ITIT` unchanged.
 
     Args:
@@ -48,6 +50,8 @@ class ITITTask(TokenizerFiles, Task):
       generation: defaults of `text_to_image` / `image_to_text` (num_steps,
         guidance_scale, choice_temperature, sampling_temperature, beam_size), merged over
         `DEFAULT_GENERATION`.
+      compile_inference: run generation compiled with the backend's XLA (once per option
+        set and batch shape); False runs it eagerly.
     """
 
     def __init__(self, network: Mapping | None = None, t2i: bool = True, i2t: bool = True, i2i: bool = True,
@@ -57,7 +61,7 @@ class ITITTask(TokenizerFiles, Task):
                  mask_std: float = 0.25, mask_min: float = 0.5, t2i_mask_max: float = 1.0,
                  i2t_mask_max: float = 0.75, loss_weights: Mapping[str, float] | None = None,
                  image_tokenizer: str | None = None, text_vocab: str | None = None,
-                 generation: Mapping | None = None):
+                 generation: Mapping | None = None, compile_inference: bool = True):
         self.arguments = task_arguments(locals())
         for name, mode in (("t2i2t", t2i2t), ("i2t2i", i2t2i)):
             if mode not in CYCLE_MODES:
@@ -82,6 +86,7 @@ class ITITTask(TokenizerFiles, Task):
         self.image_tokenizer_path, self.text_vocab_path = image_tokenizer, text_vocab
         self.generation = {**DEFAULT_GENERATION, **dict(generation or {})}
         self.pad_id, self.eos_id = self.model.pad_id, self.model.eos_id
+        self.compile_inference = bool(compile_inference)
 
     # -- data and generation (tokenizers: `TokenizerFiles`) ------------------------------
 
@@ -92,27 +97,41 @@ class ITITTask(TokenizerFiles, Task):
             {"eos_id": m.eos_id, "pad_id": m.pad_id, "bos_id": m.bos_id},
             text_vocab_binding=None if m.text_encoder_spec == "trainable" else "ITITTask.network['text_encoder']")
 
+    def text_to_image_tokens(self, text_ids, seed: int = 0, **options) -> np.ndarray:
+        """int32 [N, L] text ids -> int32 [N, h, w] codes (options: num_steps, guidance_scale,
+        choice_temperature, sampling_temperature; defaults from `generation`)."""
+        opts = {k: self.generation[k] for k in ("num_steps", "guidance_scale", "choice_temperature",
+                                                 "sampling_temperature")}
+        opts.update({k: v for k, v in options.items() if v is not None})
+
+        def fn(ids, s):
+            from mmt.backend import FixedSeed
+
+            return itit_inference.generate_images(self.model, ids, FixedSeed(s), **opts)
+
+        tokens = self._run(f"t2i{sorted(opts.items())}", fn, np.asarray(text_ids, np.int32), seed_array(seed))
+        return np.asarray(ops.convert_to_numpy(tokens), np.int32).reshape(-1, *self.model.grid)
+
+    def image_tokens_to_text(self, image_tokens, beam_size: int | None = None) -> np.ndarray:
+        """int32 [N, h, w] codes -> int32 [N, L] caption ids (beam search; beam 1 is greedy)."""
+        beam = int(beam_size or self.generation["beam_size"])
+        if beam == 1:
+            fn = lambda tokens: itit_inference.greedy_captions(self.model, tokens)  # noqa: E731
+        else:
+            fn = lambda tokens: itit_inference.beam_captions(self.model, tokens, beam_size=beam)  # noqa: E731
+        tokens = np.asarray(image_tokens, np.int32).reshape(len(image_tokens), -1)
+        return np.asarray(ops.convert_to_numpy(self._run(f"i2t{beam}", fn, tokens)), np.int32)
+
     def text_to_image(self, texts, seed: int = 0, **options):
         """Captions -> uint8 images [N, H, W, 3] (and the int32 [N, h, w] tokens)."""
         image_tokenizer, text_tokenizer = self.tokenizers()
-        opts = {k: self.generation[k] for k in ("num_steps", "guidance_scale", "choice_temperature",
-                                                 "sampling_temperature")}
-        opts.update(options)
-        ids = ops.convert_to_tensor(text_tokenizer.encode(list(texts), self.model.text_length))
-        tokens = itit_inference.generate_images(self.model, ids, seed, **opts)
-        grid = ops.convert_to_numpy(ops.reshape(tokens, (-1, *self.model.grid))).astype("int32")
+        grid = self.text_to_image_tokens(text_tokenizer.encode(list(texts), self.model.text_length), seed, **options)
         return image_tokenizer.decode(grid), grid
 
     def image_to_text(self, images, beam_size: int | None = None):
         """uint8 images [N, H, W, 3] -> captions (beam search; beam 1 is greedy)."""
         image_tokenizer, text_tokenizer = self.tokenizers()
-        tokens = ops.reshape(ops.convert_to_tensor(image_tokenizer.encode(images)), (len(images), -1))
-        beam = beam_size or self.generation["beam_size"]
-        if beam == 1:
-            ids = itit_inference.greedy_captions(self.model, tokens)
-        else:
-            ids = itit_inference.beam_captions(self.model, tokens, beam_size=beam)
-        return text_tokenizer.decode(ops.convert_to_numpy(ids))
+        return text_tokenizer.decode(self.image_tokens_to_text(image_tokenizer.encode(images), beam_size))
 
     def build(self):
         self.model.build_all()
@@ -279,16 +298,17 @@ class ITITTask(TokenizerFiles, Task):
         """The stacks a step runs with gradients, at per-replica `batch_sizes` (see `mmt.training.memory`)."""
         m, c = self.model, self.model.cfg
         k, kept, length = m.num_image_tokens, m.num_image_tokens - m.num_dropped, m.text_length
+        empty = m.empty_text_length  # the I2T / I2I passes see the empty caption only
 
-        def encoder(name, b):
-            return StackPass(f"{name} encoder", b, kept + length, c.encoder_width, c.encoder_depth, c.encoder_heads)
+        def encoder(name, b, text=length):
+            return StackPass(f"{name} encoder", b, kept + text, c.encoder_width, c.encoder_depth, c.encoder_heads)
 
-        def image_decoder(name, b):
-            return StackPass(f"{name} image decoder", b, k + length, c.decoder_width, c.image_decoder_depth,
+        def image_decoder(name, b, text=length):
+            return StackPass(f"{name} image decoder", b, k + text, c.decoder_width, c.image_decoder_depth,
                              c.decoder_heads)
 
         def text_decoder(name, b):
-            return StackPass(f"{name} text decoder", b, kept + 2 * length, c.decoder_width, c.text_decoder_depth,
+            return StackPass(f"{name} text decoder", b, kept + empty + length, c.decoder_width, c.text_decoder_depth,
                              c.decoder_heads)
 
         def text_encoder(name, b):
@@ -307,11 +327,11 @@ class ITITTask(TokenizerFiles, Task):
             trainable_text = [] if hasattr(m.text_encoder, "config_values") else text_encoder("T2I", half)
             passes += trainable_text + [encoder("T2I", half), image_decoder("T2I", half)]
         if paired and self.i2t:
-            passes += [encoder("I2T", half), text_decoder("I2T", half)]
-            passes += [image_decoder("I2I", half)] if self.i2i else []
+            passes += [encoder("I2T", half, empty), text_decoder("I2T", half)]
+            passes += [image_decoder("I2I", half, empty)] if self.i2i else []
         unpaired_text, unpaired_images = batch_sizes.get("text_only", 0), batch_sizes.get("image_only", 0)
         if unpaired_text and self.t2i2t in ("half", "full"):  # the first encoder pass is under stop_gradient
-            passes += [image_decoder("T2I2T", unpaired_text), encoder("T2I2T I2T", unpaired_text),
+            passes += [image_decoder("T2I2T", unpaired_text), encoder("T2I2T I2T", unpaired_text, empty),
                        text_decoder("T2I2T I2T", unpaired_text)]
         if unpaired_images and self.i2t2i in ("half", "full"):
             passes += [text_decoder("I2T2I", unpaired_images), *text_encoder("I2T2I soft text", unpaired_images),

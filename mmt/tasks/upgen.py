@@ -31,7 +31,7 @@ from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models import upgen_inference
 from mmt.models.upgen import TEXT, UPGen
 from mmt.sampling.mask_schedule import random_mask, uniform_mask_ratio
-from mmt.tasks.base import Ratio, Task, TokenizerFiles, task_arguments
+from mmt.tasks.base import CompiledInference, Ratio, Task, TokenizerFiles, seed_array, task_arguments
 
 #: UPGen §4.1 / Table 5: image 1.0, paired text 0.1, unpaired text 0.01. Unpaired images
 #: (not used in the paper's main runs) count like paired ones.
@@ -56,7 +56,7 @@ DEFAULT_GENERATION = {
 }
 
 
-class UPGenTask(TokenizerFiles, Task):
+class UPGenTask(CompiledInference, TokenizerFiles, Task):
     """UPGen's masked-token losses for the trainer. Network arguments go to `UPGen` unchanged.
 
     Args:
@@ -109,7 +109,6 @@ class UPGenTask(TokenizerFiles, Task):
         self.image_tokenizer_path, self.text_vocab_path = image_tokenizer, text_vocab
         self.pad_id, self.eos_id = self.model.pad_id, self.model.eos_id
         self.compile_inference = bool(compile_inference)
-        self._compiled = {}
 
     def build(self):
         self.model.build_all()
@@ -202,18 +201,6 @@ class UPGenTask(TokenizerFiles, Task):
 
     # -- generation and features: compiled once per option set ------------------------
 
-    def _run(self, name: str, fn, *args):
-        """`fn(*args)` compiled with the backend's XLA, once per `name` (options included) and
-        argument shapes: the sampler needs static shapes, which a relaxed retrace would lose."""
-        if not self.compile_inference:
-            return fn(*(ops.convert_to_tensor(a) for a in args))
-        key = (name, *(np.shape(a) for a in args))
-        if key not in self._compiled:
-            from mmt.backend import compile_function
-
-            self._compiled[key] = compile_function(fn)
-        return self._compiled[key](*args)
-
     def _image_options(self, options) -> dict:
         opts = {k: self.generation[k] for k in ("num_steps", "choice_temperature", "sampling_temperature",
                                                  "guidance_scale", "schedule")}
@@ -224,7 +211,7 @@ class UPGenTask(TokenizerFiles, Task):
         """int32 [N, L] text ids -> int32 [N, h, w] codes."""
         opts = self._image_options(options)
         fn = lambda ids, s: upgen_inference.text_to_image(self.model, ids, _seed(s), **opts)  # noqa: E731
-        tokens = self._run(f"t2i{sorted(opts.items())}", fn, np.asarray(text_ids, np.int32), _seed_array(seed))
+        tokens = self._run(f"t2i{sorted(opts.items())}", fn, np.asarray(text_ids, np.int32), seed_array(seed))
         return np.asarray(ops.convert_to_numpy(tokens), np.int32).reshape(-1, *self.model.grid)
 
     def image_tokens_to_text(self, image_tokens, seed: int = 0, **options) -> np.ndarray:
@@ -235,7 +222,7 @@ class UPGenTask(TokenizerFiles, Task):
                 "order": self.generation["text_order"], "schedule": self.generation["schedule"]}
         opts.update({k: v for k, v in options.items() if v is not None})
         fn = lambda tokens, s: upgen_inference.image_to_text(self.model, tokens, _seed(s), **opts)  # noqa: E731
-        ids = self._run(f"i2t{sorted(opts.items())}", fn, np.asarray(image_tokens, np.int32), _seed_array(seed))
+        ids = self._run(f"i2t{sorted(opts.items())}", fn, np.asarray(image_tokens, np.int32), seed_array(seed))
         return np.asarray(ops.convert_to_numpy(ids), np.int32)
 
     def text_to_image(self, texts, seed: int = 0, **options):
@@ -267,7 +254,7 @@ class UPGenTask(TokenizerFiles, Task):
         opts = self._image_options(options)
         opts.pop("guidance_scale")
         fn = lambda s: upgen_inference.unconditional_images(self.model, int(count), _seed(s), **opts)  # noqa: E731
-        tokens = self._run(f"uncond{count}{sorted(opts.items())}", fn, _seed_array(seed))
+        tokens = self._run(f"uncond{count}{sorted(opts.items())}", fn, seed_array(seed))
         grid = np.asarray(ops.convert_to_numpy(tokens), np.int32).reshape(-1, *self.model.grid)
         return image_tokenizer.decode(grid), grid
 
@@ -280,10 +267,6 @@ class UPGenTask(TokenizerFiles, Task):
             fn = lambda t: upgen_inference.image_features(self.model, t, all_layers)  # noqa: E731
             out.append(np.asarray(ops.convert_to_numpy(self._run(f"features{all_layers}", fn, tokens)), np.float32))
         return np.concatenate(out, axis=0)
-
-
-def _seed_array(seed: int) -> np.ndarray:
-    return np.array([int(seed), 0], np.int32)
 
 
 def _seed(seed_array):
