@@ -38,3 +38,29 @@ def test_one_wrong_colour_costs_a_quarter_of_an_object():
     wrong = (shapes.ShapeObject("circle", "blue", "large", 0),)
     scores = shapes_accuracy._summary([wrong], [objects])
     assert scores["attribute"] == pytest.approx(0.75) and scores["exact"] == 0.0
+
+
+def test_every_generator_call_gets_one_batch_shape_and_padding_is_never_scored(tmp_path):
+    """The last batch is padded to `batch_size` (so a compiled sampler compiles once); the
+    padded results reach neither the scores nor the grid, even with fewer examples than
+    the grid's half."""
+    examples = _examples(7)
+    by_caption = {e.caption: e.image for e in examples}
+    by_image = {e.image.tobytes(): e.caption for e in examples}
+    sizes = []
+
+    class Task:
+        def text_to_image(self, captions, seed=0):
+            sizes.append(len(captions))
+            return np.stack([by_caption[c] for c in captions]), None
+
+        def image_to_text(self, images):
+            sizes.append(len(images))
+            return [by_image[i.tobytes()] for i in images]
+
+    result = shapes_accuracy.evaluate_generation(Task(), examples, batch_size=5, grid_path=tmp_path / "g.png",
+                                                 grid_samples=16)
+    assert sizes == [5, 5, 5, 5]
+    assert result["t2i"]["num_examples"] == 7 and result["t2i"]["attribute"] == 1.0
+    assert result["i2t"]["num_examples"] == 7 and result["i2t"]["attribute"] == 1.0
+    assert (tmp_path / "g.png").exists() and len(result["samples"]) == 14

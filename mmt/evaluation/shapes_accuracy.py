@@ -105,7 +105,7 @@ def evaluate_generation(task, examples: Sequence, *, seed: int = 0, batch_size: 
 
     def text_to_image(batch):
         images, _ = task.text_to_image(batch, seed=seed + len(generated))
-        generated.append(images)  # padded batches too: only the first ones reach the grid
+        generated.append(images)  # the last batch is padded (`_batches`)
         return images
 
     t2i = t2i_accuracy(text_to_image, captions, batch_size)
@@ -115,7 +115,7 @@ def evaluate_generation(task, examples: Sequence, *, seed: int = 0, batch_size: 
     samples = ([{"prompt": c} for c in captions[:half]] + [{"key": e.key, "caption": c}
                                                           for e, c in zip(examples[:half], written)])
     if grid_path is not None:
-        generated_images = np.concatenate(generated)[:half]
+        generated_images = np.concatenate(generated)[:len(examples)][:half]  # no padding
         shapes.save_grid(list(generated_images) + list(images[:half]),
                          [f"prompt: {c}" for c in captions[:half]] + [f"generated: {c}" for c in written[:half]],
                          grid_path)
