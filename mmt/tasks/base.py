@@ -13,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from mmt.backend import StepSeed  # noqa: F401  (re-exported: the seed tasks receive)
+import numpy as np
+from keras import ops
+
+from mmt.backend import StepSeed, compile_function  # noqa: F401  (StepSeed re-exported: the seed tasks receive)
 
 
 class Ratio(NamedTuple):
@@ -98,25 +101,18 @@ class CompiledInference:
     def _run(self, name: str, fn, *args):
         """`fn(*args)` on arrays, compiled once per `name` (options included) and argument
         shapes: samplers need static shapes, which a relaxed retrace would lose."""
-        import numpy as np
-        from keras import ops
-
         args = tuple(np.asarray(a) for a in args)
         if not self.compile_inference:
             return fn(*(ops.convert_to_tensor(a) for a in args))
         compiled = self.__dict__.setdefault("_compiled", {})
         key = (name, *(a.shape for a in args))
         if key not in compiled:
-            from mmt.backend import compile_function
-
             compiled[key] = compile_function(fn)
         return compiled[key](*args)
 
 
 def seed_array(seed: int):
     """The int32 `[2]` array a compiled sampler takes for the integer `seed` (`FixedSeed`)."""
-    import numpy as np
-
     return np.array([int(seed), 0], np.int32)
 
 

@@ -28,6 +28,7 @@ from typing import Mapping
 import numpy as np
 from keras import ops
 
+from mmt.backend import FixedSeed
 from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models.dalle import DALLE, sample_image_tokens
 from mmt.models.variants import dalle_size
@@ -166,8 +167,6 @@ class DALLETask(CompiledInference, TokenizerFiles, Task):
         text_ids = np.asarray(text_ids, np.int32)
 
         def fn(ids, s):
-            from mmt.backend import FixedSeed
-
             return sample_image_tokens(self.model, ids, FixedSeed(s), **opts)
 
         tokens = self._run(f"t2i{sorted(opts.items())}", fn, text_ids, seed_array(seed))

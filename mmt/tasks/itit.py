@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 from keras import ops
 
+from mmt.backend import FixedSeed
 from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.losses.estimators import gumbel_softmax, straight_through_softmax
 from mmt.models import itit_inference
@@ -105,8 +106,6 @@ class ITITTask(CompiledInference, TokenizerFiles, Task):
         opts.update({k: v for k, v in options.items() if v is not None})
 
         def fn(ids, s):
-            from mmt.backend import FixedSeed
-
             return itit_inference.generate_images(self.model, ids, FixedSeed(s), **opts)
 
         tokens = self._run(f"t2i{sorted(opts.items())}", fn, np.asarray(text_ids, np.int32), seed_array(seed))

@@ -27,6 +27,7 @@ import numpy as np
 from keras import ops
 
 from mmt import backend
+from mmt.backend import FixedSeed
 from mmt.losses.cross_entropy import masked_cross_entropy
 from mmt.models import upgen_inference
 from mmt.models.upgen import TEXT, UPGen
@@ -210,7 +211,7 @@ class UPGenTask(CompiledInference, TokenizerFiles, Task):
     def text_to_image_tokens(self, text_ids, seed: int = 0, **options) -> np.ndarray:
         """int32 [N, L] text ids -> int32 [N, h, w] codes."""
         opts = self._image_options(options)
-        fn = lambda ids, s: upgen_inference.text_to_image(self.model, ids, _seed(s), **opts)  # noqa: E731
+        fn = lambda ids, s: upgen_inference.text_to_image(self.model, ids, FixedSeed(s), **opts)  # noqa: E731
         tokens = self._run(f"t2i{sorted(opts.items())}", fn, np.asarray(text_ids, np.int32), seed_array(seed))
         return np.asarray(ops.convert_to_numpy(tokens), np.int32).reshape(-1, *self.model.grid)
 
@@ -221,7 +222,7 @@ class UPGenTask(CompiledInference, TokenizerFiles, Task):
                 "sampling_temperature": self.generation["text_sampling_temperature"],
                 "order": self.generation["text_order"], "schedule": self.generation["schedule"]}
         opts.update({k: v for k, v in options.items() if v is not None})
-        fn = lambda tokens, s: upgen_inference.image_to_text(self.model, tokens, _seed(s), **opts)  # noqa: E731
+        fn = lambda tokens, s: upgen_inference.image_to_text(self.model, tokens, FixedSeed(s), **opts)  # noqa: E731
         ids = self._run(f"i2t{sorted(opts.items())}", fn, np.asarray(image_tokens, np.int32), seed_array(seed))
         return np.asarray(ops.convert_to_numpy(ids), np.int32)
 
@@ -253,7 +254,7 @@ class UPGenTask(CompiledInference, TokenizerFiles, Task):
         image_tokenizer, _ = self.tokenizers()
         opts = self._image_options(options)
         opts.pop("guidance_scale")
-        fn = lambda s: upgen_inference.unconditional_images(self.model, int(count), _seed(s), **opts)  # noqa: E731
+        fn = lambda s: upgen_inference.unconditional_images(self.model, int(count), FixedSeed(s), **opts)  # noqa: E731
         tokens = self._run(f"uncond{count}{sorted(opts.items())}", fn, seed_array(seed))
         grid = np.asarray(ops.convert_to_numpy(tokens), np.int32).reshape(-1, *self.model.grid)
         return image_tokenizer.decode(grid), grid
@@ -267,12 +268,6 @@ class UPGenTask(CompiledInference, TokenizerFiles, Task):
             fn = lambda t: upgen_inference.image_features(self.model, t, all_layers)  # noqa: E731
             out.append(np.asarray(ops.convert_to_numpy(self._run(f"features{all_layers}", fn, tokens)), np.float32))
         return np.concatenate(out, axis=0)
-
-
-def _seed(seed_array):
-    from mmt.backend import FixedSeed
-
-    return FixedSeed(seed_array)
 
 
 __all__ = ["DEFAULT_GENERATION", "DEFAULT_LOSS_WEIGHTS", "UPGenTask"]
